@@ -1,0 +1,110 @@
+"""The cell: one fully resolved config of the grid, its stable id, its directory and its state.
+
+A cell's id is a hash of its canonical resolved config, so the same config has the same id on
+any machine, and relaunching a study finds the cells that are already done.
+
+Cell directory `<results>/<study>/cells/<cell_id>/`:
+  config.yaml    the resolved cell config (written when the cell is first launched)
+  state.json     what the worker last said: submitted / running (+ heartbeat) / failed (+ reason)
+  train.log      the worker's log
+  ckpt/last.pt   the last completed epoch (training resumes from it)
+  aa_state/      AutoAttack evaluation state (an interrupted evaluation resumes from it)
+  examples.parquet  per-example correctness for every condition
+  rows.parquet   the result rows, written last and atomically: the cell is done when it exists
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmark.atomic import write_json_atomic, write_text_atomic
+
+AXES = ("dataset", "model", "loss", "protocol")
+ID_LENGTH = 16
+
+ROWS_FILE = "rows.parquet"
+EXAMPLES_FILE = "examples.parquet"
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "train.log"
+
+
+def cell_id(config: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of `config` (sorted keys, no whitespace), shortened."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:ID_LENGTH]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the grid: its axis choices and the resolved config they produce."""
+
+    id: str
+    dataset: str
+    model: str
+    loss: str
+    protocol: str
+    config: dict[str, Any] = field(compare=False, repr=False)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Cell:
+        return cls(cell_id(config), *(config[axis]["name"] for axis in AXES), config=config)
+
+    @property
+    def slug(self) -> str:
+        """A readable name for logs and job names; the id, not the slug, identifies the cell."""
+        return "__".join((self.dataset, self.model, self.loss, self.protocol))
+
+    @property
+    def axes(self) -> dict[str, str]:
+        return {axis: getattr(self, axis) for axis in AXES}
+
+    def directory(self, study_dir: Path) -> Path:
+        return study_dir / "cells" / self.id
+
+
+def write_config(cell: Cell, cell_dir: Path, study: str) -> None:
+    """Record the cell's resolved config in its directory (once: the id pins the content)."""
+    path = cell_dir / CONFIG_FILE
+    if not path.exists():
+        document = {"cell_id": cell.id, "slug": cell.slug, "study": study, "config": cell.config}
+        write_text_atomic(path, yaml.safe_dump(document, sort_keys=False))
+
+
+def read_config(cell_dir: Path) -> dict[str, Any]:
+    """The document `write_config` wrote: cell_id, slug, study and the resolved config."""
+    return yaml.safe_load((cell_dir / CONFIG_FILE).read_text())
+
+
+def _read_state_file(cell_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((cell_dir / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return {"state": "pending"}
+    except json.JSONDecodeError as err:  # only a foreign writer could leave half a file
+        return {"state": "failed", "reason": f"unreadable {STATE_FILE}: {err}"}
+
+
+def read_state(cell_dir: Path) -> dict[str, Any]:
+    """The cell's state: `done` when its rows exist, else what state.json says, else pending."""
+    state = _read_state_file(cell_dir)
+    if (cell_dir / ROWS_FILE).exists():
+        state["state"] = "done"
+    return state
+
+
+def write_state(cell_dir: Path, state: str, **details: Any) -> None:
+    """Record a state transition with its time; `details` carry job ids, reasons, tracebacks.
+
+    `attempt` counts the times a worker started the cell (it goes into the cell's rows).
+    """
+    previous = _read_state_file(cell_dir)
+    attempt = previous.get("attempt", 0) + (1 if state == "running" else 0)
+    record = {"state": state, "attempt": attempt, "time": time.time(), **details}
+    write_json_atomic(cell_dir / STATE_FILE, record)
