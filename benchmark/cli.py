@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -60,16 +61,30 @@ COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] 
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (for help and errors) and one parser per command."""
     parser = argparse.ArgumentParser(prog="rftbench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {}
     for name, (_, help_text, add_arguments) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    return parser
+        commands[name] = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(commands[name])
+    return parser, commands
+
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    # Overrides and --flags may come in any order, which only parse_intermixed_args allows, and
+    # it refuses subparsers: so pick the command first, then parse the rest with its parser.
+    parser, commands = build_parser()
+    if not argv or argv[0] not in commands:
+        parser.parse_args(argv)  # prints usage or the error, and exits
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
+    args.command = argv[0]
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    args = parse(list(sys.argv[1:] if argv is None else argv))
     module_name, function_name = COMMANDS[args.command][0].split(":")
     command = getattr(importlib.import_module(module_name), function_name)
     try:
@@ -77,6 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RFTBenchError as err:
         print(f"rftbench {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"rftbench {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -110,7 +110,12 @@ def _split(parsed: list[Override]) -> tuple[dict, dict, list[str]]:
         key = override.key_or_group
         if key in AXES and override.type == OverrideType.CHANGE:
             value = override.value()
-            choices[key] = value if isinstance(value, Glob) else list(override.sweep_string_iterator())
+            if isinstance(value, Glob):
+                choices[key] = value
+            elif override.is_sweep_override():
+                choices[key] = list(override.sweep_string_iterator())
+            else:
+                choices[key] = [override.get_value_element_as_str()]
         elif key.split(".")[0] in AXES:
             patches[key.split(".")[0]].append(override)
         elif override.is_sweep_override():

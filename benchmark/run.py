@@ -1,0 +1,145 @@
+"""The worker: run one cell from its directory. Load data, load the pretrained backbone, train
+with the cell's loss and protocol, evaluate every condition, write the rows.
+
+The worker needs only the cell directory (its config.yaml) and the runtime (roots, device): it
+knows nothing of studies or launchers, so any launcher (local, SLURM) can call it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import torch
+
+from benchmark import cell as cells
+from benchmark import data, evaluate, models, results, train
+from benchmark.provenance import provenance
+
+log = logging.getLogger("benchmark")
+HEARTBEAT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a cell runs; not part of the cell's identity."""
+
+    data_root: Path
+    weights_root: Path
+    device: str = "auto"
+    num_workers: int = 0
+    eval_batch_size: int = 250
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Runtime:
+        paths, runtime = config["paths"], config["runtime"]
+        return cls(Path(paths["data"]).resolve(), Path(paths["weights"]).resolve(), runtime["device"],
+                   runtime["num_workers"], runtime["eval_batch_size"])
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def run_cell(cell_dir: Path, runtime: Runtime) -> None:
+    """Train and evaluate the cell in `cell_dir`. Its rows appear only when everything succeeded;
+    on failure the state says why (with the traceback) and the exception propagates."""
+    document = cells.read_config(cell_dir)
+    cells.write_state(cell_dir, "running", host=os.uname().nodename, pid=os.getpid())
+    started = datetime.now(timezone.utc)
+    try:
+        with _cell_log(cell_dir), _heartbeat(cell_dir):
+            _train_and_evaluate(cell_dir, document, runtime, started)
+    except BaseException as err:
+        cells.write_state(cell_dir, "failed", reason=f"{type(err).__name__}: {err}",
+                          traceback=traceback.format_exc())
+        raise
+    cells.write_state(cell_dir, "done")
+
+
+def _train_and_evaluate(cell_dir: Path, document: dict, runtime: Runtime, started: datetime) -> None:
+    config = document["config"]
+    device = runtime.torch_device()
+    log.info("cell %s (%s) on %s", document["cell_id"], document["slug"], device)
+    train.seed_everything(config["seed"])
+    splits = data.load_splits(config["dataset"], runtime.data_root)
+    model = models.create_model(config["model"], splits.num_classes, runtime.weights_root)
+    trainer = train.Trainer(model, splits, config["loss"], config["protocol"], ckpt_path=cell_dir / "ckpt" / "last.pt",
+                            device=device, seed=config["seed"], num_workers=runtime.num_workers)
+    trained = trainer.fit()
+    x_test, y_test = data.load_tensors(splits.test)
+    measurements = evaluate.evaluate(model, x_test, y_test, config["eval"], cell_dir,
+                                     batch_size=runtime.eval_batch_size)
+    state = cells.read_state(cell_dir)
+    common = {
+        "study": document["study"], "cell_id": document["cell_id"], "seed": config["seed"],
+        **{axis: config[axis]["name"] for axis in cells.AXES},
+        "attempt": state.get("attempt", 1), "requeues": state.get("requeues", 0),
+        "source": "run", "source_file": None, **provenance(str(device)),
+        "started_at": started, "finished_at": datetime.now(timezone.utc), "train_seconds": trained.seconds,
+    }
+    rows = [{**common, **_measured(m)} for m in measurements]
+    results.write_table(cell_dir / cells.EXAMPLES_FILE, _examples_table(measurements))
+    results.write_rows(cell_dir / cells.ROWS_FILE, rows)  # last: its existence means "done"
+    log.info("wrote %d rows: %s", len(rows), ", ".join(f"{m.condition}={m.n_correct}/{m.n_examples}" for m in measurements))
+
+
+def _measured(m: evaluate.Measurement) -> dict[str, Any]:
+    return {
+        "condition": m.condition, "norm": m.norm, "epsilon": m.epsilon, "eps_grid": m.eps_grid,
+        "attack": m.attack, "attack_version": m.attack_version, "n_examples": m.n_examples,
+        "n_correct": m.n_correct, "accuracy": m.n_correct / m.n_examples, "eval_seconds": m.seconds,
+    }
+
+
+def _examples_table(measurements: list[evaluate.Measurement]) -> pa.Table:
+    """Per-example correctness, one row per condition x test example (for bootstrap CIs)."""
+    return pa.table({
+        "condition": [m.condition for m in measurements for _ in m.correct],
+        "index": [i for m in measurements for i in range(len(m.correct))],
+        "correct": [bool(c) for m in measurements for c in m.correct],
+    })
+
+
+@contextmanager
+def _cell_log(cell_dir: Path) -> Iterator[None]:
+    """Send the benchmark's log records to the cell's train.log while the cell runs."""
+    handler = logging.FileHandler(cell_dir / cells.LOG_FILE)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+@contextmanager
+def _heartbeat(cell_dir: Path) -> Iterator[None]:
+    """Touch `heartbeat` every HEARTBEAT_SECONDS, so a status check can tell a live worker from a
+    dead one whose state still says running."""
+    stop = threading.Event()
+    beat = cell_dir / "heartbeat"
+
+    def loop() -> None:
+        while True:
+            beat.touch()
+            if stop.wait(HEARTBEAT_SECONDS):
+                return
+
+    thread = threading.Thread(target=loop, daemon=True, name="heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
