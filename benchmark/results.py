@@ -1,20 +1,29 @@
-"""The result row: one per cell x condition, defined once here, versioned, written atomically.
+"""The result tables: the row schema (one per cell x condition) and the study's collected tables,
+defined once here, versioned, written atomically, and loaded into pandas without torch.
 
 A row carries what was measured (counts, not only a ratio) and what produced it (benchopt-style
-provenance), so a table can be trusted and re-derived without the cell directory.
+provenance), so a table can be trusted and re-derived without the cell directory. Layout and
+every column are documented in results/README.md.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmark.atomic import write_atomic
-from benchmark.errors import RFTBenchError
+from benchmark.cell import AXES
+from benchmark.errors import RFTBenchError, unknown_choice
+from benchmark.paths import study_dir
 
 SCHEMA_VERSION = 1
+
+MEASUREMENTS_FILE = "measurements.parquet"  # the long table: one row per cell x condition
+CELLS_FILE = "cells.parquet"                # one row per cell directory
 
 _TIME = pa.timestamp("us", tz="UTC")
 ROW_SCHEMA = pa.schema(
@@ -57,6 +66,51 @@ ROW_SCHEMA = pa.schema(
     metadata={"rftbench_schema_version": str(SCHEMA_VERSION)},
 )
 COLUMNS = tuple(ROW_SCHEMA.names)
+# A row without these cannot be placed in a table or checked, so its file is rejected.
+REQUIRED = ("cell_id", *AXES, "condition", "n_examples", "n_correct", "accuracy")
+
+# cells.parquet columns read from each cell's resolved config: (column, path in config, type).
+CONFIG_COLUMNS = (
+    ("seed", ("seed",), pa.int64()),
+    ("test_size", ("dataset", "test_size"), pa.int64()),
+    ("num_classes", ("dataset", "num_classes"), pa.int64()),
+    ("model_type", ("model", "type"), pa.string()),
+    ("model_size", ("model", "size"), pa.string()),
+    ("params_m", ("model", "params_m"), pa.float64()),
+    ("pretraining_strategy", ("model", "pretraining", "strategy"), pa.string()),
+    ("pretraining_data", ("model", "pretraining", "data"), pa.string()),
+    ("epochs", ("protocol", "epochs"), pa.int64()),
+    ("train_backbone", ("protocol", "train_backbone"), pa.bool_()),
+    ("trades_beta", ("loss", "trades_beta"), pa.float64()),
+    ("train_eps", ("loss", "attack", "eps"), pa.float64()),
+)
+CELL_SCHEMA = pa.schema(
+    [
+        ("schema_version", pa.int16()),
+        ("study", pa.string()),
+        ("cell_id", pa.string()),
+        ("slug", pa.string()),
+        *((axis, pa.string()) for axis in AXES),
+        *((name, type_) for name, _, type_ in CONFIG_COLUMNS),
+        ("config", pa.string()),          # the whole resolved config as JSON
+        ("state", pa.string()),           # pending, submitted, running, failed, done, invalid
+        ("reason", pa.string()),          # why the cell failed, or why its rows were rejected
+        ("attempts", pa.int32()),
+        ("requeues", pa.int32()),
+        ("state_time", _TIME),            # when the worker last wrote state.json
+        ("conditions", pa.int32()),       # measurements collected from the cell
+        ("source", pa.string()),
+        ("started_at", _TIME),
+        ("finished_at", _TIME),
+        ("train_seconds", pa.float64()),
+        ("eval_seconds", pa.float64()),   # all conditions together
+        ("truncated", pa.bool_()),        # some condition saw fewer examples than test_size
+        ("truncation", pa.string()),      # which, e.g. "clean 750/1000; linf 750/1000"
+    ],
+    metadata={"rftbench_schema_version": str(SCHEMA_VERSION)},
+)
+# Both tables list cells in this order, a cell's measurements in its evaluation order.
+SORT_KEYS = [(column, "ascending") for column in (*AXES, "cell_id")]
 
 
 class CorruptResultError(RFTBenchError):
@@ -86,16 +140,99 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     write_table(path, rows_table(rows))
 
 
-def read_rows(path: Path) -> pa.Table:
-    """A row file, checked: readable, whole, and of this schema version."""
+def read_table(path: Path, schema: pa.Schema) -> pa.Table:
+    """A Parquet file of `schema`, checked: readable, whole, and of this schema version."""
     try:
-        table = pq.read_table(path)
+        table = pq.ParquetFile(path).read()  # a third faster than pq.read_table for small files
     except (OSError, pa.ArrowException) as err:
         raise CorruptResultError(path, f"unreadable Parquet ({err})") from None
-    missing = set(COLUMNS) - set(table.column_names)
+    present = set(table.column_names)
+    missing = [name for name in schema.names if name not in present]
     if missing:
-        raise CorruptResultError(path, f"not a result file of this schema: missing {sorted(missing)}")
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise CorruptResultError(path, f"not a result file of this schema: {len(missing)} columns missing ({shown})")
     versions = set(table.column("schema_version").to_pylist())
-    if versions != {SCHEMA_VERSION}:
-        raise CorruptResultError(path, f"schema_version {sorted(versions)}, expected {SCHEMA_VERSION}")
-    return table.select(list(COLUMNS)).cast(ROW_SCHEMA)
+    if versions - {SCHEMA_VERSION}:
+        raise CorruptResultError(path, f"schema_version {sorted(versions, key=str)}, expected {SCHEMA_VERSION}")
+    if table.schema.equals(schema, check_metadata=False):
+        return table
+    try:
+        return table.select(schema.names).cast(schema)
+    except pa.ArrowException as err:
+        raise CorruptResultError(path, f"columns of the wrong type ({err})") from None
+
+
+def read_rows(path: Path) -> pa.Table:
+    """A row file (or the collected measurements), checked against the row schema."""
+    return read_table(path, ROW_SCHEMA)
+
+
+def condition_columns(spec: dict[str, Any]) -> dict[str, Any]:
+    """The norm, epsilon, eps_grid and attack columns of a condition, from its `eval` config node."""
+    kind = spec["kind"]
+    if kind == "autoattack":
+        attack = f"autoattack-{spec['version']}"
+    elif kind == "corruptions":
+        attack = f"corruptions-severity{spec['severity']}"
+    else:
+        attack = None if kind == "clean" else kind
+    return {"norm": spec.get("norm"), "epsilon": spec.get("eps"), "eps_grid": spec.get("eps_grid"), "attack": attack}
+
+
+def study_from(overrides: Sequence[str], default: str = "demo") -> tuple[str, Path | None]:
+    """The study named by `study=NAME` (else `default`) and the results root `paths.results=DIR`
+    (None: the default root). Commands over existing results take only these two keys: a
+    collected study needs no config (an imported one has none in conf/study)."""
+    values: dict[str, str | None] = {"study": default, "paths.results": None}
+    for word in overrides:
+        key, sep, value = word.partition("=")
+        if not sep:
+            raise RFTBenchError(f"malformed argument {word!r}: expected key=value, e.g. study={default}")
+        if key not in values:
+            raise unknown_choice("key", key, values)
+        values[key] = value
+    results_root = values["paths.results"]
+    return str(values["study"]), Path(results_root) if results_root else None
+
+
+def existing_study_dir(study: str, results_root: Path | None = None) -> Path:
+    """`study`'s directory; an error listing the studies there if it does not exist."""
+    directory = study_dir(study, results_root)
+    if directory.is_dir():
+        return directory
+    parent = directory.parent
+    studies = [p.name for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+    if not studies:
+        raise RFTBenchError(f"no study {study!r}: {parent} holds no study directories")
+    raise RFTBenchError(f"{unknown_choice('study', study, studies)} (the study directories in {parent})")
+
+
+def load(study: str, results_root: Path | None = None) -> pd.DataFrame:
+    """The study's long table (one row per cell x condition) from `<results root>/<study>/`.
+
+    `results_root` defaults to `$RFTBENCH_RESULTS`, else `results/`. A study whose cells were
+    never collected is collected first.
+    """
+    return _collected(study, results_root, MEASUREMENTS_FILE, ROW_SCHEMA).to_pandas()
+
+
+def load_cells(study: str, results_root: Path | None = None) -> pd.DataFrame:
+    """The study's cell table: config columns, state, attempts, timings, truncation flag."""
+    return _collected(study, results_root, CELLS_FILE, CELL_SCHEMA).to_pandas()
+
+
+def _collected(study: str, results_root: Path | None, name: str, schema: pa.Schema) -> pa.Table:
+    from benchmark.collect import ensure_collected  # collect builds on this module
+
+    directory = existing_study_dir(study, results_root)
+    ensure_collected(directory)
+    return read_table(directory / name, schema)
+
+
+def wide(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per cell (dataset, model, loss, protocol, cell_id), one accuracy column per
+    condition, in the order the conditions first appear (the evaluation order)."""
+    index = [*AXES, "cell_id"]
+    conditions = list(pd.unique(df["condition"]))
+    table = df.pivot(index=index, columns="condition", values="accuracy")
+    return table.reindex(columns=conditions).reset_index().rename_axis(columns=None)

@@ -39,8 +39,9 @@ unsupported() {
 
 check_platform() {
   [[ $(id -u) -eq 0 ]] || unsupported "must run as root (installs packages and starts system daemons)"
-  [[ -f /etc/debian_version ]] && command -v apt-get >/dev/null ||
+  if [[ ! -f /etc/debian_version ]] || ! command -v apt-get >/dev/null; then
     unsupported "needs Debian (apt-get and Debian's slurm packages)"
+  fi
   # Guard every rm -rf below against an empty or relative directory.
   [[ $DIR == /?* && $DIR != / ]] || { log "RFTBENCH_SLURM_DIR must be an absolute path: '$DIR'"; exit 2; }
 }
@@ -56,9 +57,9 @@ missing_packages() {
 
 install_packages() {
   local missing
-  missing=$(missing_packages)
-  [[ -z $missing ]] && return 0
-  log "installing: $(echo $missing)"
+  mapfile -t missing < <(missing_packages)
+  ((${#missing[@]})) || return 0
+  log "installing: ${missing[*]}"
   # Forbid the packages' postinst scripts from starting daemons on the system's default
   # paths (a system MariaDB on /var/lib/mysql, a slurmctld without config): we start our own.
   local policy=/usr/sbin/policy-rc.d own_policy=
@@ -68,7 +69,7 @@ install_packages() {
   local rc=0
   {
     DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
   } >"/tmp/slurm-local-apt.log" 2>&1 || rc=$?
   [[ -n $own_policy ]] && rm -f "$policy"
   if [[ $rc -ne 0 ]]; then
@@ -92,18 +93,28 @@ wait_for() {
   done
 }
 
-# TERM the process in a pid file, KILL it if it lingers, and forget the pid file.
-stop_pidfile() {
-  local pidfile=$1 pid i
-  pid_alive "$pidfile" || { rm -f "$pidfile"; return 0; }
-  pid=$(cat "$pidfile")
-  kill "$pid" 2>/dev/null || true
-  for ((i = 0; i < 100; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
-    sleep 0.1
+any_alive() {
+  local pid
+  for pid in "$@"; do kill -0 "$pid" 2>/dev/null && return 0; done
+  return 1
+}
+
+# TERM the processes in the given pid files together (each takes 1-3 s to exit, so one at a
+# time adds up), KILL any that linger, and forget the pid files.
+stop_pidfiles() {
+  local pidfile pids=() i
+  for pidfile in "$@"; do
+    pid_alive "$pidfile" && pids+=("$(cat "$pidfile")")
   done
-  kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null || true
-  rm -f "$pidfile"
+  if ((${#pids[@]})); then
+    kill "${pids[@]}" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+      any_alive "${pids[@]}" || break
+      sleep 0.1
+    done
+    kill -9 "${pids[@]}" 2>/dev/null || true
+  fi
+  rm -f "$@"
 }
 
 fail() {
@@ -152,6 +163,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
 SwitchType=switch/none
+# No mail on this machine; the default /bin/mail is absent.
+MailProg=/bin/true
 # The default batching adds about 2.5 s per scheduling wave.
 SchedulerParameters=batch_sched_delay=0,sched_interval=1,sched_min_interval=0
 JobRequeue=1
@@ -191,7 +204,7 @@ StorageUser=slurm
 StoragePass=$password
 StorageLoc=slurm_acct_db
 EOF
-  chmod 600 "$DIR/etc/slurmdbd.conf" # slurmdbd refuses a readable file: it holds a password
+  chmod 600 "$DIR/etc/slurmdbd.conf" # slurmdbd wants it private: it holds the DB password
 }
 
 # The Debian tools read /etc/slurm; point it at our files, but never clobber a foreign config.
@@ -223,18 +236,19 @@ start_munge() {
 # MariaDB on its own datadir and a loopback port, so it never touches a system database.
 start_mariadb() {
   install -d -o mysql -g mysql -m 0750 "$DIR/mysql"
-  if [[ ! -d $DIR/mysql/mysql ]]; then
-    mariadb-install-db --no-defaults --datadir="$DIR/mysql" --user=mysql \
-      --auth-root-authentication-method=socket --skip-test-db \
-      >"$DIR/log/mariadb-install.log" 2>&1 || fail "mariadb-install-db failed"
-  fi
+  # root logs in through the unix socket as the OS root user: no password to keep.
+  mariadb-install-db --no-defaults --datadir="$DIR/mysql" --user=mysql \
+    --auth-root-authentication-method=socket --skip-test-db \
+    >"$DIR/log/mariadb-install.log" 2>&1 || fail "mariadb-install-db failed"
+  # mariadbd drops to user mysql before it opens its socket, pid file and log.
   chown mysql:mysql "$DIR/run"
+  install -o mysql -g mysql -m 0640 /dev/null "$DIR/log/mariadb.log"
   # setsid and closed stdio: the daemon must not hold the caller's terminal or CI's pipes.
   # Durability settings are relaxed: this database is thrown away with the cluster.
   setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$DIR/mysql" \
     --socket="$DB_SOCKET" --port="$DB_PORT" --bind-address=127.0.0.1 \
     --pid-file="$DIR/run/mariadb.pid" --log-error="$DIR/log/mariadb.log" \
-    --innodb-buffer-pool-size=128M --innodb-lock-wait-timeout=900 \
+    --innodb-lock-wait-timeout=900 \
     --innodb-flush-log-at-trx-commit=2 --skip-name-resolve \
     </dev/null >/dev/null 2>&1 &
   wait_for mariadbd mariadb-admin --no-defaults --socket="$DB_SOCKET" ping
@@ -287,6 +301,7 @@ cancel_jobs() {
 
 is_up() {
   local daemon
+  pid_alive "$MUNGE_PID" || return 1
   for daemon in slurmdbd slurmctld slurmd mariadb; do
     pid_alive "$DIR/run/$daemon.pid" || return 1
   done
@@ -304,11 +319,10 @@ cmd_status() {
 
 cmd_stop() {
   cancel_jobs
-  local daemon
-  for daemon in slurmd slurmctld slurmdbd mariadb; do
-    stop_pidfile "$DIR/run/$daemon.pid"
-  done
-  stop_pidfile "$MUNGE_PID"
+  # Each group after the one it depends on: slurmctld reports to slurmdbd, which writes to MariaDB.
+  stop_pidfiles "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid"
+  stop_pidfiles "$DIR/run/slurmdbd.pid" "$MUNGE_PID"
+  stop_pidfiles "$DIR/run/mariadb.pid"
   echo "stopped"
 }
 
@@ -322,7 +336,7 @@ cmd_start() {
   # A fresh start: leftover daemons go, and the SLURM state and the accounting database are
   # wiped TOGETHER (job ids restart at 1; a kept database would make sacct report stale jobs).
   cmd_stop >/dev/null
-  rm -rf "$DIR/etc" "$DIR/log" "$DIR/run" "$DIR/spool" "$DIR/mysql"
+  rm -rf "${DIR:?}/etc" "$DIR/log" "$DIR/run" "$DIR/spool" "$DIR/mysql"
   install -d -m 0755 "$DIR" "$DIR/etc" "$DIR/log" "$DIR/run" "$DIR/spool/ctld" "$DIR/spool/d"
   local password
   password=$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')

@@ -1,0 +1,208 @@
+"""The study's figures, each drawn from exactly one table (the one the report saves beside it),
+with its labels taken from that table's own index and columns, never from a parallel list.
+
+Figures are built with matplotlib's object API (no pyplot state): they render headless (Agg)
+when saved and display inline in a notebook.
+"""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from analysis.data import LEVEL_ORDER, Skip, condition_label, levels, ordered
+
+POINTS = "configurations"  # gid of the scatter collections holding one point per configuration
+SIZES = {"small": 30.0, "medium": 80.0, "large": 160.0}
+MARKERS = {"convolutional": "o", "attention": "^", "hybrid": "s"}
+EXTRA_MARKERS = ("D", "v", "P", "X")
+LOSS_EDGES = {"classic_at": "black", "trades": "none"}
+LOSS_COLOURS = {"classic_at": "tab:blue", "trades": "tab:orange"}
+DEGENERATE_COLOUR = "red"
+FORMATS = ("png", "pdf")
+DPI = 110
+
+
+def _mapping(values: list[str], known: dict[str, object], extra) -> dict[str, object]:
+    """`known` styles for known values, then the `extra` styles cycled for the others."""
+    spare = itertools.cycle(extra)
+    return {v: known[v] if v in known else next(spare) for v in values}
+
+
+def _palette(values: list[str], name: str = "tab10") -> dict[str, object]:
+    from matplotlib import colormaps
+
+    colours = colormaps[name].colors
+    return {v: colours[i % len(colours)] for i, v in enumerate(values)}
+
+
+def scatter(ranking: pd.DataFrame, intervals: pd.DataFrame | None = None) -> Figure:
+    """Mean clean vs mean robust accuracy, one point per configuration: marker = type, size =
+    size class, colour = pretraining, edge = loss; degenerate ones ringed in red."""
+    fig = Figure(figsize=(10, 6.5), layout="constrained")
+    ax = fig.add_subplot()
+    markers = _mapping(levels(ranking, "type"), MARKERS, EXTRA_MARKERS)
+    sizes = _mapping(levels(ranking, "size"), SIZES, (50.0,))
+    colours = _palette(levels(ranking, "pretraining"))
+    edges = _mapping(levels(ranking, "loss"), LOSS_EDGES, ("dimgray", "gold"))
+    if intervals is not None and not intervals.empty:
+        bars = ranking.merge(intervals, on=["model", "loss"])
+        ax.errorbar(bars["mean_clean"], bars["mean_robust"],
+                    xerr=[bars["mean_clean"] - bars["clean_low"], bars["clean_high"] - bars["mean_clean"]],
+                    yerr=[bars["mean_robust"] - bars["robust_low"], bars["robust_high"] - bars["mean_robust"]],
+                    fmt="none", ecolor="0.6", elinewidth=0.8, zorder=1)
+    for kind, group in ranking.groupby("type", sort=False):
+        ax.scatter(group["mean_clean"], group["mean_robust"], marker=markers[kind],
+                   s=group["size"].map(sizes), c=[colours[p] for p in group["pretraining"]],
+                   edgecolors=[edges[loss] for loss in group["loss"]], linewidths=1.4, zorder=2, gid=POINTS)
+    bad = ranking[ranking["degenerate"]]
+    ax.scatter(bad["mean_clean"], bad["mean_robust"], s=bad["size"].map(sizes) * 3, facecolors="none",
+               edgecolors=DEGENERATE_COLOUR, linewidths=1.2, zorder=3, gid="degenerate")
+    robust = [c.removeprefix("mean_") for c in ranking.columns if c.startswith("mean_") and c not in ("mean_clean", "mean_robust")]
+    ax.set_xlabel("mean clean accuracy over datasets")
+    ax.set_ylabel(f"mean robust accuracy over datasets ({', '.join(map(condition_label, robust))})")
+    ax.set_title(f"{ranking['protocol'].iloc[0]}: {len(ranking)} configurations (model × loss)")
+    handles = (
+        [_handle(marker, label=kind) for kind, marker in markers.items()]
+        + [_handle("o", size=s, label=f"size: {name}") for name, s in sizes.items()]
+        + [_handle("s", colour=c, label=f"pretraining: {name}") for name, c in colours.items()]
+        + [_handle("o", colour="0.8", edge=e, label=f"loss: {name}") for name, e in edges.items()]
+        + [_handle("o", colour="none", edge=DEGENERATE_COLOUR, label="degenerate: clean ≈ chance on a dataset")]
+    )
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _handle(marker: str, colour="0.5", edge="black", size: float = 50.0, label: str = "") -> Line2D:
+    return Line2D([], [], linestyle="none", marker=marker, markersize=np.sqrt(size), markerfacecolor=colour,
+                  markeredgecolor=edge, label=label)
+
+
+def radar(winners: pd.DataFrame, title: str) -> Figure:
+    """Each dataset's winning configuration over the conditions (the table's condition columns)."""
+    conditions = [c for c in winners.columns if c not in ("model", "loss", "score")]
+    if len(conditions) < 3:
+        raise Skip(f"a radar needs 3+ conditions; the table has {conditions}")
+    angles = np.linspace(0, 2 * np.pi, len(conditions), endpoint=False)
+    fig = Figure(figsize=(8, 6.5), layout="constrained")
+    ax = fig.add_subplot(projection="polar")
+    for dataset, row in winners.iterrows():
+        values = row[conditions].to_numpy(float)
+        ax.plot(np.append(angles, angles[0]), np.append(values, values[0]), marker="o", markersize=3,
+                label=f"{dataset}: {row['model']} / {row['loss']}")
+    ax.set_xticks(angles, labels=[condition_label(c) for c in conditions])
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.06), fontsize=8, frameon=False)
+    return fig
+
+
+def heatmap(corr: pd.DataFrame, title: str) -> Figure:
+    """A correlation matrix, labelled from its own index (rows) and columns."""
+    fig = Figure(figsize=(5.5, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(corr.to_numpy(float), vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.set_xticks(range(len(corr.columns)), labels=[condition_label(c) for c in corr.columns])
+    ax.set_yticks(range(len(corr.index)), labels=[condition_label(c) for c in corr.index])
+    for (i, j), value in np.ndenumerate(corr.to_numpy(float)):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9, color="white" if abs(value) > 0.6 else "black")
+    fig.colorbar(image, ax=ax, label="Spearman ρ")
+    ax.set_title(title)
+    return fig
+
+
+def effect_bars(effects: pd.DataFrame, title: str) -> Figure:
+    """Mean Borda (± sd) per level, one panel per factor or pair of factors (bars grouped by the
+    first, coloured by the second), with the Tukey letters above the bars."""
+    pair = "factor_a" in effects.columns
+    panels = list(effects.groupby(["factor_a", "factor_b"] if pair else ["factor"], sort=False))
+    cols = min(3, len(panels))
+    rows = int(np.ceil(len(panels) / cols))
+    fig = Figure(figsize=(4.6 * cols, 3.8 * rows), layout="constrained")
+    for k, (name, panel) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, k + 1)
+        groups = ordered(panel["level_a" if pair else "level"], LEVEL_ORDER.get(name[0], ()))
+        hues = ordered(panel["level_b"], LEVEL_ORDER.get(name[1], ())) if pair else [None]
+        colours = _palette(hues)
+        width = 0.8 / len(hues)
+        for i, hue in enumerate(hues):
+            bars = panel[panel["level_b"] == hue] if pair else panel
+            x = bars["level_a" if pair else "level"].map(groups.index) + (i - (len(hues) - 1) / 2) * width
+            sd = bars["sd_borda"].fillna(0.0)
+            ax.bar(x, bars["mean_borda"], width=width * 0.95, yerr=sd, capsize=2, color=colours[hue], alpha=0.85)
+            for xi, top, letters in zip(x, bars["mean_borda"] + sd, bars["tukey"]):
+                ax.annotate(letters, (xi, top), textcoords="offset points", xytext=(0, 2), ha="center",
+                            fontsize=7, fontweight="bold")
+        long_labels = sum(map(len, groups)) > 40
+        ax.set_xticks(range(len(groups)), labels=groups, rotation=25 if long_labels else 0,
+                      ha="right" if long_labels else "center", fontsize=8)
+        ax.margins(y=0.12)
+        p = panel["anova_p"].iloc[0]
+        ax.set_title(f"{' × '.join(name)}: " + (f"ANOVA p = {p:.2g}" if not np.isnan(p) else "not tested"), fontsize=9)
+        ax.set_ylabel("mean Borda score")
+        if pair:
+            ax.legend(handles=[_handle("s", colour=colours[h], edge=colours[h], label=h) for h in hues], title=name[1],
+                      fontsize=7, title_fontsize=7, frameon=False, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    fig.suptitle(title)
+    return fig
+
+
+def odds_plot(odds: pd.DataFrame, clip: float = 100.0) -> Figure:
+    """TRADES vs Classic AT odds ratio (size class vs the protocol's other classes) with its
+    exact 95% interval, per size class x protocol, on a log axis; 0 and ∞ drawn at the clip."""
+    protocols = list(dict.fromkeys(odds["protocol"]))
+    sizes = levels(odds, "size")
+    colours = _palette(protocols, "Dark2")
+    fig = Figure(figsize=(7, 1.2 + 0.9 * len(sizes)), layout="constrained")
+    ax = fig.add_subplot()
+    offsets = np.linspace(-0.25, 0.25, len(protocols)) if len(protocols) > 1 else [0.0]
+    for offset, protocol in zip(offsets, protocols):
+        sub = odds[odds["protocol"] == protocol].set_index("size").reindex(sizes)
+        y = np.arange(len(sizes)) + offset
+        ratio = sub["odds_ratio"].clip(1 / clip, clip)
+        low, high = sub["ci_low"].clip(1 / clip, clip), sub["ci_high"].clip(1 / clip, clip)
+        ax.errorbar(ratio, y, xerr=[ratio - low, high - ratio], fmt="o", color=colours[protocol], label=protocol, capsize=3)
+    ax.axvline(1.0, color="0.4", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlim(1 / clip / 1.5, clip * 1.5)
+    ax.set_yticks(range(len(sizes)), labels=sizes)
+    ax.set_xlabel("odds ratio: TRADES beats Classic AT (size class vs the rest), 95% exact CI")
+    ax.legend(fontsize=8, frameon=False)
+    ax.set_title("TRADES vs Classic AT on score_sum")
+    return fig
+
+
+def proxy_scatter(pairs: dict[str, pd.DataFrame], proxy: pd.DataFrame) -> Figure:
+    """Each cheap protocol's score_sum vs the reference's, one point per configuration."""
+    fig = Figure(figsize=(5 * len(pairs), 4.5), layout="constrained")
+    for k, (protocol, table) in enumerate(pairs.items()):
+        ax = fig.add_subplot(1, len(pairs), k + 1)
+        colours = _mapping(levels(table, "loss"), LOSS_COLOURS, ("tab:green", "tab:purple"))
+        ax.scatter(table["score_sum"], table["score_sum_reference"], c=[colours[v] for v in table["loss"]],
+                   s=20, gid=POINTS)
+        stat = proxy[(proxy["protocol"] == protocol) & (proxy["loss"] == "all")].iloc[0]
+        ax.set_title(f"{protocol} vs {stat['reference']}: ρ = {stat['rho']:.2f} (p = {stat['p']:.1e})", fontsize=10)
+        ax.set_xlabel(f"score_sum under {protocol}")
+        ax.set_ylabel(f"score_sum under {stat['reference']}")
+        ax.legend(handles=[_handle("o", colour=c, edge=c, label=v) for v, c in colours.items()], fontsize=8, frameon=False)
+        ax.grid(alpha=0.3)
+    return fig
+
+
+def plotted_points(fig: Figure) -> int:
+    """How many configuration points a figure draws (collections tagged POINTS)."""
+    return sum(len(c.get_offsets()) for ax in fig.axes for c in ax.collections if c.get_gid() == POINTS)
+
+
+def save(fig: Figure, directory: Path, name: str) -> list[Path]:
+    """Write the figure as PNG and PDF; returns the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{name}.{fmt}" for fmt in FORMATS]
+    for path in paths:
+        fig.savefig(path, dpi=DPI)
+    return paths

@@ -1,0 +1,133 @@
+"""Borda rankings of a protocol's configurations (model x loss), medals, degenerate configurations.
+
+Borda score of a configuration: the sum, over every dataset x condition, of its rank among all
+configurations of the protocol on that accuracy (ascending, so higher accuracy -> higher rank;
+ties take the average rank). Its maximum is n_configurations x n_datasets x n_conditions.
+`score_sum` is the sum of the same accuracies. Global rank 1 = highest Borda.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pandas as pd
+
+from analysis.data import CONFIGURATION, AnalysisWarning, Skip, conditions, levels, protocols
+
+# A cell is degenerate when its clean accuracy is below this multiple of chance (1 / classes):
+# such a model barely beats guessing (often it predicts one class), yet it can rank high because
+# an attack cannot lower a constant prediction.
+DEGENERATE_FACTOR = 2.0
+MEDALS = ("gold", "silver", "bronze")
+METADATA = ("size", "type", "params_m", "pretraining", "pretraining_data")
+
+
+def accuracy_matrix(cells: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """Accuracies of the protocol's complete configurations: rows (model, loss), columns
+    (dataset, condition). Configurations missing a measurement are dropped with a warning."""
+    sub = cells[cells["protocol"] == protocol]
+    if sub.empty:
+        raise Skip(f"no results for protocol {protocol!r}; protocols present: {protocols(cells)}")
+    matrix = sub.pivot(index=list(CONFIGURATION), columns=["dataset", "condition"], values="accuracy")
+    incomplete = matrix.isna().any(axis=1)
+    if incomplete.any():
+        names = ", ".join(f"{m}/{l}" for m, l in matrix.index[incomplete])
+        warnings.warn(AnalysisWarning(
+            f"{protocol}: {int(incomplete.sum())} configurations lack some dataset x condition "
+            f"results and are left out of the ranking: {names}"), stacklevel=2)
+        matrix = matrix[~incomplete]
+    if matrix.empty:
+        raise Skip(f"{protocol}: no configuration has results on every dataset x condition")
+    return matrix
+
+
+def ranking(cells: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """One row per configuration of the protocol, best first (see the module docstring)."""
+    matrix = accuracy_matrix(cells, protocol)
+    table = pd.DataFrame({
+        "borda": matrix.rank(axis=0, method="average", ascending=True).sum(axis=1),
+        "score_sum": matrix.sum(axis=1),
+    })
+    by_condition = matrix.T.groupby(level="condition").mean().T
+    order = conditions(cells[cells["protocol"] == protocol])
+    for condition in order:
+        table[f"mean_{condition}"] = by_condition[condition]
+    robust = [c for c in order if c != "clean"]
+    if robust:
+        table["mean_robust"] = by_condition[robust].mean(axis=1)
+    table = table.reset_index()
+    table = table.sort_values(["borda", "score_sum", "model", "loss"], ascending=[False, False, True, True])
+    table.insert(4, "rank", range(1, len(table) + 1))
+    table = table.merge(_configuration_metadata(cells), on=list(CONFIGURATION), how="left")
+    table = table.merge(degenerate_configurations(cells, protocol), on=list(CONFIGURATION), how="left")
+    table.insert(0, "protocol", protocol)
+    return table.reset_index(drop=True)
+
+
+def rankings(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The ranking of every protocol present, in the canonical protocol order."""
+    out = {}
+    for protocol in protocols(cells):
+        try:
+            out[protocol] = ranking(cells, protocol)
+        except Skip as skip:
+            warnings.warn(AnalysisWarning(str(skip)), stacklevel=2)
+    return out
+
+
+def max_borda(cells: pd.DataFrame, table: pd.DataFrame) -> int:
+    """The largest possible Borda score of a ranking: n_configurations x n_datasets x n_conditions."""
+    sub = cells[cells["protocol"] == table["protocol"].iloc[0]]
+    return len(table) * sub["dataset"].nunique() * sub["condition"].nunique()
+
+
+def _configuration_metadata(cells: pd.DataFrame) -> pd.DataFrame:
+    return cells[[*CONFIGURATION, *METADATA]].drop_duplicates(list(CONFIGURATION))
+
+
+def degenerate_cells(cells: pd.DataFrame, factor: float = DEGENERATE_FACTOR) -> pd.DataFrame:
+    """The cells whose clean accuracy is below `factor` x chance (see DEGENERATE_FACTOR)."""
+    clean = cells[cells["condition"] == "clean"]
+    return clean[clean["accuracy"] < factor * clean["chance"]]
+
+
+def degenerate_configurations(cells: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """Per configuration of the protocol: on how many datasets it is degenerate, and which."""
+    sub = cells[(cells["protocol"] == protocol) & (cells["condition"] == "clean")]
+    bad = degenerate_cells(sub)
+    table = sub[list(CONFIGURATION)].drop_duplicates()
+    summary = bad.groupby(list(CONFIGURATION))["dataset"].agg(n_degenerate="size", degenerate_datasets=" ".join)
+    table = table.merge(summary.reset_index(), on=list(CONFIGURATION), how="left")
+    table["n_degenerate"] = table["n_degenerate"].fillna(0).astype(int)
+    table["degenerate_datasets"] = table["degenerate_datasets"].fillna("")
+    table["degenerate"] = table["n_degenerate"] > 0
+    return table
+
+
+def winners(cells: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """Per dataset (rows): the configuration with the highest summed accuracy over the conditions
+    on it, and its accuracy per condition (columns in the canonical condition order)."""
+    matrix = accuracy_matrix(cells, protocol)
+    order = conditions(cells[cells["protocol"] == protocol])
+    rows = {}
+    for dataset in matrix.columns.get_level_values("dataset").unique():
+        block = matrix[dataset][order]
+        score = block.sum(axis=1)
+        best = score.sort_index().idxmax()  # ties: the first configuration by name
+        rows[dataset] = {"model": best[0], "loss": best[1], "score": score[best], **block.loc[best]}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "dataset"
+    return table
+
+
+def medals(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Gold, silver and bronze per size class x protocol: its best configurations by global rank."""
+    rows = []
+    for protocol, table in tables.items():
+        for size in levels(table, "size"):
+            best = table[table["size"] == size].nsmallest(len(MEDALS), "rank")
+            for medal, (_, row) in zip(MEDALS, best.iterrows()):
+                rows.append({"size": size, "protocol": protocol, "medal": medal,
+                             **row[["model", "loss", "rank", "borda", "score_sum", "degenerate"]]})
+    if not rows:
+        raise Skip("no ranking to award medals from")
+    return pd.DataFrame(rows)

@@ -1,0 +1,180 @@
+"""The study's statistics over rankings and cells: correlations between conditions, how well the
+cheap protocols predict the expensive one, TRADES vs Classic AT odds, and factor effects on the
+Borda score (one-way ANOVA, Tukey HSD with compact letters).
+
+Library statistics only: scipy (spearmanr, f_oneway, fisher_exact, odds_ratio), pandas'
+Spearman correlation matrix, statsmodels' pairwise_tukeyhsd.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from statsmodels.stats.multicomp import pairwise_tukeyhsd
+
+from analysis.data import CELL, FACTORS, Skip, conditions, levels, protocols
+from analysis.letters import compact_letters
+
+REFERENCE_PROTOCOL = "fft50"  # the expensive protocol the cheap ones should predict
+LOSSES = ("classic_at", "trades")  # the pair compared by `odds_trades`
+ALPHA = 0.05
+
+
+def spearman(cells: pd.DataFrame) -> pd.DataFrame:
+    """Spearman correlation between conditions over the given cells (rows, columns: conditions)."""
+    order = conditions(cells)
+    wide = cells.pivot(index=list(CELL), columns="condition", values="accuracy")[order].dropna()
+    if len(order) < 2 or len(wide) < 3:
+        raise Skip(f"a correlation needs 2+ conditions and 3+ complete cells; got {order} and {len(wide)} cells")
+    corr = wide.corr(method="spearman")
+    corr.index.name, corr.columns.name = "condition", None
+    return corr
+
+
+def spearman_by_protocol(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    return {protocol: spearman(cells[cells["protocol"] == protocol]) for protocol in protocols(cells)}
+
+
+def mean_abs_correlation(corr: pd.DataFrame) -> float:
+    """Mean |rho| over the off-diagonal entries: how much the conditions agree overall."""
+    values = corr.to_numpy()
+    return float(np.nanmean(np.abs(values[~np.eye(len(values), dtype=bool)])))
+
+
+def mac(cells: pd.DataFrame, factors: tuple[str, ...] = FACTORS) -> pd.DataFrame:
+    """MAC per protocol (and over all protocols), overall and per level of each factor."""
+    rows = []
+    scopes = [(p, cells[cells["protocol"] == p]) for p in protocols(cells)] + [("all", cells)]
+    for protocol, sub in scopes:
+        groups = [("all", "all", sub)] + [
+            (factor, level, sub[sub[factor] == level]) for factor in factors for level in levels(sub, factor)
+        ]
+        for factor, level, group in groups:
+            n_cells = group[list(CELL)].drop_duplicates().shape[0]
+            try:
+                value = mean_abs_correlation(spearman(group))
+            except Skip:
+                value = np.nan
+            rows.append({"protocol": protocol, "factor": factor, "level": level, "n_cells": n_cells, "mac": value})
+    return pd.DataFrame(rows)
+
+
+def proxy(tables: dict[str, pd.DataFrame], reference: str = REFERENCE_PROTOCOL) -> pd.DataFrame:
+    """Spearman rho (and p) between each cheap protocol's per-configuration score_sum and the
+    reference protocol's, over all configurations and per loss."""
+    if reference not in tables:
+        raise Skip(f"the proxy analysis needs the reference protocol {reference!r}; protocols present: {list(tables)}")
+    cheap = [p for p in tables if p != reference]
+    if not cheap:
+        raise Skip(f"the proxy analysis needs a protocol besides {reference!r}; only {reference!r} is present")
+    rows = []
+    for protocol in cheap:
+        paired = proxy_pairs(tables, protocol, reference)
+        for loss, sub in [("all", paired), *paired.groupby("loss")]:
+            rho, p = stats.spearmanr(sub["score_sum"], sub["score_sum_reference"]) if len(sub) >= 3 else (np.nan, np.nan)
+            rows.append({"protocol": protocol, "reference": reference, "loss": loss,
+                         "n_configurations": len(sub), "rho": rho, "p": p})
+    return pd.DataFrame(rows)
+
+
+def proxy_pairs(tables: dict[str, pd.DataFrame], protocol: str, reference: str = REFERENCE_PROTOCOL) -> pd.DataFrame:
+    """The configurations ranked under both protocols, with both score_sums."""
+    ref = tables[reference][["model", "loss", "score_sum"]].rename(columns={"score_sum": "score_sum_reference"})
+    return tables[protocol][["model", "loss", "score_sum"]].merge(ref, on=["model", "loss"])
+
+
+def odds_trades(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per size class x protocol: on how many backbones TRADES beats Classic AT on score_sum.
+
+    Fisher's exact test on the 2x2 table [[TRADES wins, Classic AT wins] in this size class,
+    [the same] in the protocol's other size classes]; the odds ratio is (w/l in the class) /
+    (w/l elsewhere), with the exact conditional 95% interval. Tied backbones are left out.
+    """
+    rows = []
+    for protocol, table in tables.items():
+        pairs = table.pivot(index="model", columns="loss", values="score_sum")
+        if not set(LOSSES) <= set(pairs.columns):
+            raise Skip(f"{protocol}: the TRADES odds need both losses {LOSSES}; present: {sorted(pairs.columns)}")
+        pairs = pairs[list(LOSSES)].dropna()
+        size = table.drop_duplicates("model").set_index("model")["size"].reindex(pairs.index)
+        trades_wins = pairs["trades"] > pairs["classic_at"]
+        at_wins = pairs["trades"] < pairs["classic_at"]
+        for level in levels(size.to_frame(), "size"):
+            inside = size == level
+            counts = [[int(trades_wins[inside].sum()), int(at_wins[inside].sum())],
+                      [int(trades_wins[~inside].sum()), int(at_wins[~inside].sum())]]
+            rows.append({"protocol": protocol, "size": level, "n_backbones": int(inside.sum()),
+                         "trades_wins": counts[0][0], "classic_at_wins": counts[0][1],
+                         "ties": int(inside.sum()) - sum(counts[0]),
+                         "rest_trades_wins": counts[1][0], "rest_classic_at_wins": counts[1][1],
+                         **_fisher(counts)})
+    return pd.DataFrame(rows)
+
+
+def _fisher(counts: list[list[int]]) -> dict[str, float]:
+    if min(sum(counts[0]), sum(counts[1])) == 0:  # one row empty: no comparison to make
+        return {"odds_ratio": np.nan, "ci_low": np.nan, "ci_high": np.nan, "p": np.nan}
+    odds, p = stats.fisher_exact(counts)
+    low, high = stats.contingency.odds_ratio(counts, kind="conditional").confidence_interval(1 - ALPHA)
+    return {"odds_ratio": odds, "ci_low": low, "ci_high": high, "p": p}
+
+
+def main_effects(tables: dict[str, pd.DataFrame], factors: tuple[str, ...] = FACTORS) -> pd.DataFrame:
+    """Mean Borda per level of each factor, per protocol, with ANOVA p and Tukey letters."""
+    rows = []
+    for protocol, table in tables.items():
+        for factor in factors:
+            rows += _effect(table, [factor], protocol)
+    return pd.DataFrame(rows)
+
+
+def interactions(tables: dict[str, pd.DataFrame], factors: tuple[str, ...] = FACTORS) -> pd.DataFrame:
+    """Mean Borda per pair of levels of each pair of factors, per protocol (one-way over the
+    combined levels), with ANOVA p and Tukey letters."""
+    rows = []
+    for protocol, table in tables.items():
+        for pair in itertools.combinations(factors, 2):
+            rows += _effect(table, list(pair), protocol)
+    return pd.DataFrame(rows)
+
+
+def _effect(table: pd.DataFrame, factors: list[str], protocol: str) -> list[dict]:
+    """Rows of one factor (or pair of factors, crossed): per level n, mean and sd of Borda, the
+    ANOVA p-value and Tukey letters."""
+    data = table.dropna(subset=factors)
+    combos = itertools.product(*(levels(data, f) for f in factors))
+    samples = {}
+    for combo in combos:
+        values = data.loc[(data[factors] == list(combo)).all(axis=1), "borda"].to_numpy()
+        if len(values):
+            samples[combo] = values
+    p, letters, note = _tests({" × ".join(combo): values for combo, values in samples.items()})
+    names = {"factor": factors[0]} if len(factors) == 1 else {"factor_a": factors[0], "factor_b": factors[1]}
+    rows = []
+    for combo, values in samples.items():
+        level = {"level": combo[0]} if len(factors) == 1 else {"level_a": combo[0], "level_b": combo[1]}
+        rows.append({"protocol": protocol, **names, **level, "n": len(values),
+                     "mean_borda": values.mean(), "sd_borda": values.std(ddof=1) if len(values) > 1 else np.nan,
+                     "anova_p": p, "tukey": letters.get(" × ".join(combo), ""), "note": note})
+    return rows
+
+
+def _tests(samples: dict[str, np.ndarray]) -> tuple[float, dict[str, str], str]:
+    """One-way ANOVA p and Tukey HSD letters over the levels with 2+ observations."""
+    testable = {k: v for k, v in samples.items() if len(v) >= 2}
+    dropped = sorted(set(samples) - set(testable))
+    if len(testable) < 2:
+        return np.nan, {}, f"not tested: needs 2+ levels with 2+ configurations each; has {sorted(testable) or 'none'}"
+    note = f"levels with one configuration not tested: {', '.join(dropped)}" if dropped else ""
+    values = list(testable.values())
+    if np.ptp(np.concatenate(values)) == 0:
+        return np.nan, {}, "not tested: every configuration has the same Borda score"
+    p = float(stats.f_oneway(*values).pvalue)
+    names = list(testable)
+    codes = np.concatenate([[i] * len(v) for i, v in enumerate(values)])
+    tukey = pairwise_tukeyhsd(np.concatenate(values), codes, alpha=ALPHA).summary_frame()
+    different = [(names[int(a)], names[int(b)]) for a, b in tukey.loc[tukey["reject"], ["group_t", "group_c"]].itertuples(index=False)]
+    best_first = sorted(names, key=lambda k: -testable[k].mean())
+    return p, compact_letters(best_first, different), note

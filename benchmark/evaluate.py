@@ -1,0 +1,251 @@
+"""The evaluation conditions of `conf/eval`: one Measurement per condition, per-example.
+
+A condition's `kind` selects a function in KINDS; a new kind (e.g. expected robustness over an
+eps grid) is one more function `(Context, cfg) -> (correct, description)` registered there.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyautoattack
+import torch
+from pyautoattack.state import EvaluationState
+from torch import Tensor, nn
+
+from benchmark.attacks import eval_mode
+from benchmark.errors import RFTBenchError, unknown_choice
+
+log = logging.getLogger(__name__)
+
+AUTOATTACK_NORMS = ("Linf", "L2", "L1")
+
+
+@dataclass(kw_only=True)
+class Measurement:
+    """One condition measured on the whole test split; `correct` is in test order. The fields
+    from norm to attack_version describe the condition; those that do not apply are None."""
+
+    condition: str
+    norm: str | None = None
+    epsilon: float | None = None
+    eps_grid: list[float] | None = None
+    attack: str | None = None
+    attack_version: str | None = None  # version of the package that ran the attack
+    n_examples: int
+    n_correct: int
+    correct: np.ndarray
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every condition gets: the model (in eval mode), the test split on the CPU, where the
+    model runs, where resumable state goes, and the batch size."""
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    device: torch.device
+    work_dir: Path
+    batch_size: int
+    condition: str
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Predicted labels (on the CPU) of the CPU images `x`, batch by batch."""
+        with torch.no_grad():
+            return torch.cat([self.model(batch.to(self.device)).argmax(1).cpu()
+                              for batch in x.split(self.batch_size)])
+
+
+# A kind returns the per-example correctness (bool, test order) and its description: the
+# Measurement fields norm, epsilon, eps_grid, attack, attack_version that apply to it.
+Kind = Callable[[Context, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
+
+
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, eval_cfg: dict[str, dict[str, Any]], work_dir: Path, *,
+             batch_size: int = 250) -> list[Measurement]:
+    """Measure every condition of `eval_cfg` (condition name -> config), in its order, with the
+    model in eval mode (its flags are restored afterwards). `x`, `y` are the whole test split on
+    the CPU; batches move to the model's device. AutoAttack state goes under `work_dir/aa_state`
+    so an interrupted evaluation resumes."""
+    for condition, cfg in eval_cfg.items():  # every kind is known before anything runs
+        if cfg["kind"] not in KINDS:
+            raise unknown_choice(f"eval kind (condition {condition})", cfg["kind"], KINDS)
+    device = next(model.parameters()).device
+    measurements = []
+    with eval_mode(model):
+        for condition, cfg in eval_cfg.items():
+            start = time.perf_counter()
+            context = Context(model, x, y, device, Path(work_dir), batch_size, condition)
+            correct, description = KINDS[cfg["kind"]](context, cfg)
+            measurement = Measurement(condition=condition, **description, n_examples=len(correct),
+                                      n_correct=int(correct.sum()), correct=correct.numpy(),
+                                      seconds=time.perf_counter() - start)
+            log.info("%s: %d/%d correct (%.1f s)", condition, measurement.n_correct, measurement.n_examples,
+                     measurement.seconds)
+            measurements.append(measurement)
+    return measurements
+
+
+def clean(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    """Accuracy of the argmax prediction on the test images as they are."""
+    return ctx.predict(ctx.x) == ctx.y, {}
+
+
+# --- AutoAttack ------------------------------------------------------------------------------
+# pyautoattack 0.2.0 saves its state (per-example robust flags, attacks done, clean accuracy)
+# to `state_path` while it runs, but cannot resume from it: the attack set is saved as a string
+# that never equals the set it is compared with (ValueError), and a resumed run returns no
+# adversarial labels (UnboundLocalError). So a fresh run is its own, and the resume is ours:
+# the attacks not yet done run on the examples still robust, and their flags are merged into
+# the state. Flags always come from a state file, so a resumed condition reports every example.
+# Note that the state is saved at each batch but the list of attacks done lazily (at most once a
+# minute), so a resume may repeat the last finished attack on its survivors.
+
+def autoattack(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    """AutoAttack (pyautoattack, Croce & Hein 2020) at cfg norm/eps/version/seed."""
+    if cfg["norm"] not in AUTOATTACK_NORMS:
+        raise unknown_choice(f"AutoAttack norm (condition {ctx.condition})", cfg["norm"], AUTOATTACK_NORMS)
+    path = ctx.work_dir / "aa_state" / f"{ctx.condition}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clean_correct = ctx.predict(ctx.x) == ctx.y
+    state = _resumable_state(path, clean_correct)
+    if state is None:
+        robust = _run_autoattack(ctx, cfg, ctx.x, ctx.y, path)
+    else:
+        robust = _resume_autoattack(ctx, cfg, state, path)
+    description = {"norm": cfg["norm"], "epsilon": float(cfg["eps"]), "attack": f"autoattack-{cfg['version']}",
+                   "attack_version": pyautoattack.__version__}
+    return robust, description
+
+
+def _new_autoattack(ctx: Context, cfg: dict[str, Any]) -> pyautoattack.AutoAttack:
+    adversary = pyautoattack.AutoAttack(ctx.model, norm=cfg["norm"], eps=cfg["eps"], version=cfg["version"],
+                                        device=ctx.device, seed=cfg["seed"])
+    # Its records (debug progress, warnings of its sanity checks) go to our log, not stderr.
+    adversary.logger = adversary.apgd.logger = adversary.apgd_targeted.logger = log.getChild("autoattack")
+    return adversary
+
+
+def _run_autoattack(ctx: Context, cfg: dict[str, Any], x: Tensor, y: Tensor, path: Path,
+                    attacks: list[str] | None = None) -> Tensor:
+    """A fresh AutoAttack run on (x, y) saving its state to `path`; the robust flags read back
+    from that state. `attacks` restricts the version's attacks (keeping its hyperparameters)."""
+    path.unlink(missing_ok=True)
+    adversary = _new_autoattack(ctx, cfg)
+    if attacks is not None:
+        adversary.attacks_to_run = attacks
+    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=ctx.batch_size, state_path=path)
+    robust = _load_state(path).robust_flags
+    disagree = int((robust != (ctx.predict(x_adv) == y)).sum())
+    if disagree:  # only a model whose outputs vary between calls (or batches) can cause this
+        log.warning("%s: AutoAttack's robust flags and the predictions on its adversarial examples "
+                    "disagree on %d examples; using the flags", ctx.condition, disagree)
+    return robust
+
+
+def _resume_autoattack(ctx: Context, cfg: dict[str, Any], state: EvaluationState, path: Path) -> Tensor:
+    """Finish an interrupted run: the attacks not done yet, on the examples still robust."""
+    remaining = [a for a in _new_autoattack(ctx, cfg).attacks_to_run if a not in state.run_attacks]
+    robust = state.robust_flags.clone()
+    still = robust.nonzero().squeeze(1)
+    log.info("%s: resuming AutoAttack from %s: %d robust examples, attacks left: %s",
+             ctx.condition, path, len(still), ", ".join(remaining) or "none")
+    if remaining and len(still):
+        part = path.with_suffix(".resume.json")
+        robust[still] = _run_autoattack(ctx, cfg, ctx.x[still], ctx.y[still], part, attacks=remaining)
+        state.robust_flags = robust  # the setter saves the state
+        part.unlink()
+    for attack in remaining:
+        state.add_run_attack(attack)
+    state.to_disk(force=True)
+    return robust
+
+
+def _load_state(path: Path) -> EvaluationState:
+    with warnings.catch_warnings():  # it warns when the results folder has moved since
+        warnings.simplefilter("ignore", UserWarning)
+        return EvaluationState.from_disk(path)
+
+
+def _resumable_state(path: Path, clean_correct: Tensor) -> EvaluationState | None:
+    """The state at `path` if it belongs to this model and data, else None (absent, cut short
+    mid-write, or left by another model: its clean accuracy or flags do not fit)."""
+    if not path.exists():
+        return None
+    try:
+        state = _load_state(path)
+    except (ValueError, KeyError, TypeError) as err:
+        log.warning("ignoring the unreadable AutoAttack state %s (%s: %s)", path, type(err).__name__, err)
+        return None
+    robust = state.robust_flags
+    n = len(clean_correct)
+    if (robust.shape != clean_correct.shape or state.clean_accuracy != int(clean_correct.sum()) / n
+            or bool((robust & ~clean_correct).any())):
+        log.warning("ignoring the AutoAttack state %s: it does not match this model's clean predictions", path)
+        return None
+    return state
+
+
+# --- common corruptions ----------------------------------------------------------------------
+
+def corruptions(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    """Accuracy on the test images corrupted one corruption per image (see `corrupt_images`)."""
+    predictions = torch.cat([
+        ctx.predict(corrupt_images(batch, start, cfg["corruptions"], cfg["severity"], cfg["seed"]))
+        for start, batch in zip(range(0, len(ctx.x), ctx.batch_size), ctx.x.split(ctx.batch_size))
+    ])
+    description = {"attack": f"corruptions-severity{cfg['severity']}",
+                   "attack_version": importlib.metadata.version("imagecorruptions")}
+    return predictions == ctx.y, description
+
+
+def corrupt_images(x: Tensor, first_index: int, names: list[str], severity: int, seed: int) -> Tensor:
+    """Corrupted copies of the float CHW [0, 1] images `x`, whose test indices start at
+    `first_index`: image i gets corruption names[i % len(names)] at `severity`, its randomness
+    seeded by (seed, i) alone, so each image's corruption is the same on every run whatever the
+    batching. Images go through uint8 HWC (imagecorruptions' format; at least 32x32 pixels).
+
+    imagecorruptions draws from numpy's global RNG, so it is seeded per image with
+    seed * 1_000_003 + i; the caller's global numpy RNG state is restored afterwards.
+    """
+    corrupt = _imagecorruptions(names, severity)
+    images = (x.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    rng_state = np.random.get_state()
+    try:
+        out = []
+        for offset, image in enumerate(images):
+            i = first_index + offset
+            np.random.seed((seed * 1_000_003 + i) % 2**32)
+            corrupted = corrupt(image, corruption_name=names[i % len(names)], severity=severity)
+            if corrupted.shape != image.shape:  # not seen at 32-384 px for any severity
+                raise RuntimeError(f"{names[i % len(names)]} changed an image's shape {image.shape} -> {corrupted.shape}")
+            out.append(corrupted)
+    finally:
+        np.random.set_state(rng_state)
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float().div(255)
+
+
+def _imagecorruptions(names: list[str], severity: int) -> Callable[..., np.ndarray]:
+    """imagecorruptions' `corrupt`, after checking the names and severity. Imported here: it is
+    slow to import, and it warns that it imports pkg_resources (it needs setuptools<81)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from imagecorruptions import corrupt, get_corruption_names
+    for name in names:
+        if name not in get_corruption_names("all"):
+            raise unknown_choice("corruption", name, get_corruption_names("all"))
+    if severity not in (1, 2, 3, 4, 5):
+        raise RFTBenchError(f"corruption severity must be an integer from 1 to 5, got {severity!r}")
+    return corrupt
+
+
+KINDS: dict[str, Kind] = {"clean": clean, "autoattack": autoattack, "corruptions": corruptions}

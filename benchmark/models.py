@@ -1,0 +1,280 @@
+"""Backbones: a conf/model option -> a timm model with its pretrained weights from the local
+cache and a new head, wrapped so that callers and attacks work on [0, 1] pixels.
+
+The weights cache holds one file per backbone, `<weights root>/<weights.file>`: the checkpoint's
+state dict in timm's key names, head included (timm's checkpoint filters detect a checkpoint's
+format by its keys, the head's among them). Three sources fill it:
+  timm   `rftbench fetch-weights` downloads the checkpoint from the Hugging Face hub;
+  local  adversarially trained checkpoints the user downloads from `weights.url`;
+  demo   tiny architectures pretrained here on a digits source task (`make_demo_weights`).
+Loading goes through timm's own pretrained path (checkpoint filter, head replacement) and is then
+verified: every backbone tensor must equal the checkpoint's, so a model is never silently random.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import timm
+import torch
+import torch.nn.functional as F
+from huggingface_hub.errors import LocalEntryNotFoundError
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+from benchmark.atomic import write_atomic, write_json_atomic
+from benchmark.errors import RFTBenchError
+
+
+class Classifier(nn.Module):
+    """A timm model behind its input normalisation: `forward` takes [0, 1] pixels.
+
+    `freeze_backbone` makes it a linear probe: only the head (timm's `get_classifier()`) trains,
+    and the backbone stays in eval mode whatever `.train()` says, so BatchNorm statistics and
+    dropout of the fixed feature extractor never change.
+    """
+
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.backbone_frozen = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.get_classifier().parameters())
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        head = {id(p) for p in self.head_parameters()}
+        return [p for p in self.model.parameters() if id(p) not in head]
+
+    def freeze_backbone(self) -> None:
+        for param in self.backbone_parameters():
+            param.requires_grad_(False)
+        self.backbone_frozen = True
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.model.eval()
+            self.model.get_classifier().train(mode)
+        return self
+
+
+def weights_path(model_cfg: dict[str, Any], weights_root: Path) -> Path:
+    return Path(weights_root) / model_cfg["weights"]["file"]
+
+
+def create_model(model_cfg: dict[str, Any], num_classes: int, weights_root: Path) -> Classifier:
+    """The backbone of `model_cfg` with its cached pretrained weights and a new `num_classes` head."""
+    path = weights_path(model_cfg, weights_root)
+    if model_cfg["source"] == "demo":
+        make_demo_weights(model_cfg, weights_root)
+    elif not path.exists():
+        raise RFTBenchError(_missing_weights_message(model_cfg, path))
+    checkpoint = timm.models.load_state_dict(str(path))
+    if model_cfg["source"] == "local":
+        checkpoint = unwrap_robust_checkpoint(checkpoint)
+    # We read the file ourselves (to unwrap robust checkpoints and to verify the load below) and
+    # hand the tensors to timm's pretrained loader. It drops the checkpoint's head when the class
+    # counts differ: declaring 0 classes for the checkpoint makes that always so, even for a
+    # target with as many classes as the checkpoint.
+    model = _timm_model(model_cfg, num_classes, pretrained=True,
+                        overlay={"state_dict": checkpoint, "num_classes": 0})
+    model.pretrained_cfg.pop("state_dict")  # timm keeps its cfg on the model: free the tensors
+    _check_backbone_loaded(model, checkpoint, path)
+    return Classifier(model, model_cfg["input"]["mean"], model_cfg["input"]["std"])
+
+
+def _timm_model(model_cfg: dict[str, Any], num_classes: int, pretrained: bool,
+                overlay: dict[str, Any] | None = None) -> nn.Module:
+    # timm's name carries the checkpoint's pretrained cfg (head names, format); the input size
+    # overlay makes timm pass `img_size` to the architectures whose input size is fixed (ViTs).
+    name = model_cfg["name"] if model_cfg["source"] == "timm" else model_cfg["arch"]
+    size = model_cfg["input"]["size"]
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_classes,
+                             pretrained_cfg_overlay={"input_size": (3, size, size), **(overlay or {})})
+
+
+def _backbone_state(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's state entries other than its classifier's parameters."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return ((key, value) for key, value in model.state_dict(keep_vars=True).items() if id(value) not in head)
+
+
+def _check_backbone_loaded(model: nn.Module, checkpoint: dict[str, torch.Tensor], path: Path) -> None:
+    """timm loads non-strictly when the head changes, so a checkpoint with other key names would
+    leave part of the backbone random without an error: require every tensor to match."""
+    wrong = [key for key, value in _backbone_state(model)
+             if key not in checkpoint or not torch.equal(value.detach(), checkpoint[key].to(value.dtype))]
+    if wrong:
+        raise RFTBenchError(
+            f"{path}: {len(wrong)} backbone tensors of {type(model).__name__} did not load from the "
+            f"checkpoint (e.g. {', '.join(wrong[:5])}): it is not a checkpoint of this architecture "
+            "in timm's key names"
+        )
+
+
+# Prefixes of the wrappers around robust checkpoints: a normalising `model`/`base_model` module
+# (Singh et al. 2023), `model` inside the robustness library's AttackerModel (Salman et al. 2020).
+# timm's reader already removed DataParallel's `module.` and took the robustness library's "model".
+_WRAPPERS = ("model.", "base_model.")
+# The wrappers' own entries: normalisation constants and the attacker's copy of the model.
+_WRAPPER_ENTRIES = ("normalize.", "normalizer.", "attacker.")
+
+
+def unwrap_robust_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A robust checkpoint's model tensors under timm's key names (the architecture's own)."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith(_WRAPPERS):
+            key = key.split(".", 1)[1]
+        if not key.startswith(_WRAPPER_ENTRIES):
+            out[key] = value
+    return out
+
+
+def _missing_weights_message(model_cfg: dict[str, Any], path: Path) -> str:
+    name = model_cfg["name"]
+    fetch = f"rftbench fetch-weights study=paper model={name}"
+    if model_cfg["source"] == "local":
+        return (f"pretrained weights of {name!r} not found: {path}. Download the checkpoint from "
+                f"{model_cfg['weights']['url']} (conf/model/{name}.yaml says which file) and save it "
+                f"there; `{fetch}` prints the same")
+    return (f"pretrained weights of {name!r} not found: {path}. Fetch them with `{fetch}` on a "
+            "machine with internet access, then copy the weights folder here or point "
+            "RFTBENCH_WEIGHTS (paths.weights) at it")
+
+
+# The demo's source pretraining: classify the digits 0-5 of scikit-learn's bundled 8x8 digits,
+# upsampled to 32x32 like the demo's target dataset. A task of its own: the target classifies
+# all ten digits with a new head. Changing the recipe invalidates the cached weights.
+DEMO_RECIPE = {
+    "task": "sklearn load_digits, digits 0-5, 8x8 upsampled (bilinear) to 32x32, 3 channels",
+    "classes": 6,
+    "held_out_fraction": 0.25,
+    "epochs": 6,
+    "batch_size": 64,
+    "optimizer": "AdamW",
+    "lr": 2e-3,
+    "weight_decay": 0.05,
+    "schedule": "cosine per step",
+    "seed": 0,
+}
+
+
+def make_demo_weights(model_cfg: dict[str, Any], weights_root: Path) -> Path:
+    """Pretrain a demo backbone on the digits source task, once: the weights are cached with a
+    JSON record of the recipe and the held-out source accuracy beside them."""
+    path = weights_path(model_cfg, weights_root)
+    record_path = path.with_suffix(".json")
+    if path.exists() and record_path.exists() and _read_json(record_path).get("recipe") == DEMO_RECIPE:
+        return path
+    start = time.perf_counter()
+    with torch.random.fork_rng():  # leave the caller's random stream (its head init) untouched
+        model, accuracy, sizes = _pretrain_on_digits(model_cfg)
+    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    write_atomic(path, lambda tmp: safetensors.torch.save_file(state, str(tmp)))
+    write_json_atomic(record_path, {
+        "model": model_cfg["name"], "arch": model_cfg["arch"], "recipe": DEMO_RECIPE,
+        "source_accuracy": accuracy, **sizes, "seconds": round(time.perf_counter() - start, 1),
+        "timm_version": timm.__version__, "torch_version": torch.__version__,
+    })
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def _digits_source() -> tuple[torch.Tensor, torch.Tensor]:
+    digits = load_digits()
+    keep = digits.target < DEMO_RECIPE["classes"]
+    x = torch.tensor(digits.images[keep] / 16.0, dtype=torch.float32).unsqueeze(1)
+    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).clamp(0, 1).repeat(1, 3, 1, 1)
+    return x, torch.tensor(digits.target[keep])
+
+
+def _pretrain_on_digits(model_cfg: dict[str, Any]) -> tuple[nn.Module, float, dict[str, int]]:
+    recipe = DEMO_RECIPE
+    torch.manual_seed(recipe["seed"])
+    x, y = _digits_source()
+    train_idx, held_idx = train_test_split(np.arange(len(y)), test_size=recipe["held_out_fraction"],
+                                           random_state=recipe["seed"], stratify=y.numpy())
+    model = Classifier(_timm_model(model_cfg, recipe["classes"], pretrained=False),
+                       model_cfg["input"]["mean"], model_cfg["input"]["std"])
+    steps = recipe["epochs"] * -(-len(train_idx) // recipe["batch_size"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    model.train()
+    for _ in range(recipe["epochs"]):
+        for batch in torch.randperm(len(train_idx)).split(recipe["batch_size"]):
+            index = train_idx[batch.numpy()]
+            loss = F.cross_entropy(model(x[index]), y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(x[held_idx]).argmax(1) == y[held_idx]).float().mean().item()
+    return model.model, round(accuracy, 4), {"n_train": len(train_idx), "n_held_out": len(held_idx)}
+
+
+def fetch_weights_command(args: argparse.Namespace) -> int:
+    """`rftbench fetch-weights study=NAME [model=...]`: fill the weights cache for a study's
+    backbones. Exit code 0 when every backbone's weights are in the cache afterwards."""
+    from benchmark.study import plan
+
+    study = plan(args.overrides)
+    weights_root = Path(study.config["paths"]["weights"])
+    model_cfgs = {cell.config["model"]["name"]: cell.config["model"] for cell in study.cells}
+    hub_offline = False
+    complete = True
+    for name, model_cfg in model_cfgs.items():
+        path = weights_path(model_cfg, weights_root)
+        if model_cfg["source"] == "demo":
+            make_demo_weights(model_cfg, weights_root)
+            print(f"{name}: made (demo pretraining on digits, cached) {path}")
+        elif path.exists():
+            print(f"{name}: present {path}")
+        elif model_cfg["source"] == "local":
+            complete = False
+            print(f"{name}: download by hand: {_missing_weights_message(model_cfg, path)}")
+        elif hub_offline:
+            complete = False
+            print(f"{name}: not attempted: the Hugging Face hub is unreachable (see above)")
+        else:
+            try:
+                _download(model_cfg, path)
+                print(f"{name}: fetched {path}")
+            except LocalEntryNotFoundError as err:  # no connection and not in the hub's cache
+                complete, hub_offline = False, True
+                print(f"{name}: FAILED: cannot reach the Hugging Face hub ({err}); run this command "
+                      "on a machine with internet access")
+            except (OSError, RuntimeError) as err:
+                complete = False
+                print(f"{name}: FAILED: {type(err).__name__}: {err}")
+    print(f"weights root: {weights_root.resolve()}")
+    return 0 if complete else 1
+
+
+def _download(model_cfg: dict[str, Any], path: Path) -> None:
+    """The timm checkpoint of `model_cfg`, through timm's hub download, saved in the cache."""
+    model = timm.create_model(model_cfg["name"], pretrained=True)
+    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    write_atomic(path, lambda tmp: safetensors.torch.save_file(state, str(tmp)))

@@ -1,0 +1,102 @@
+"""`rftbench query`: read-only SQL (DuckDB) over a study's collected tables.
+
+The query sees three tables: `measurements` (the long table, one row per cell x condition),
+`cells` (one row per cell) and `accuracy` (wide: one row per cell, one accuracy column per
+condition, the shape of the study's published table). They are in-memory views of the Parquet
+files, and DuckDB's file access is switched off (and locked) before the query runs, so a query
+can neither change the study nor read or write any other file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from benchmark.cell import AXES
+from benchmark.collect import ensure_collected, print_warnings, truncated_cells, truncation_warning
+from benchmark.errors import RFTBenchError
+from benchmark.results import (
+    CELL_SCHEMA,
+    CELLS_FILE,
+    MEASUREMENTS_FILE,
+    existing_study_dir,
+    read_rows,
+    read_table,
+    study_from,
+    wide,
+)
+
+FORMATS = ("table", "csv", "json", "markdown")
+
+
+def query(sql: str, study: str = "demo", results_root: Path | None = None) -> pd.DataFrame:
+    """The result of `sql` over the study's tables (collected first if they never were)."""
+    directory = existing_study_dir(study, results_root)
+    ensure_collected(directory)
+    return run(sql, *_tables(directory)).to_pandas()
+
+
+def run(sql: str, measurements: pa.Table, cells: pa.Table) -> pa.Table:
+    """`sql` over the tables `measurements`, `cells` and `accuracy`; a SQL error is an
+    RFTBenchError carrying DuckDB's message."""
+    connection = duckdb.connect()
+    connection.register("measurements", measurements)
+    connection.register("cells", cells)
+    connection.register("accuracy", wide(measurements.select([*AXES, "cell_id", "condition", "accuracy"]).to_pandas()))
+    connection.execute("SET enable_external_access = false")
+    connection.execute("SET lock_configuration = true")
+    try:
+        return connection.sql(sql).to_arrow_table()
+    except duckdb.Error as err:
+        raise RFTBenchError(f"query failed: {err}") from None
+    finally:
+        connection.close()
+
+
+def render(table: pa.Table, fmt: str) -> str:
+    """The result as text: an aligned table, CSV, a JSON array of records, or a Markdown table."""
+    if fmt == "json":
+        return json.dumps(table.to_pylist(), indent=1, default=_json_value) + "\n"
+    frame = table.to_pandas()
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    if fmt == "markdown":
+        return frame.to_markdown(index=False) + "\n"
+    if fmt == "table":
+        return frame.to_string(index=False) + "\n"
+    raise RFTBenchError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+def query_command(args: argparse.Namespace) -> int:
+    directory = existing_study_dir(*study_from(args.overrides))
+    collected = ensure_collected(directory)
+    if collected:
+        print(f"collected study {directory.name} first: {collected.cells} cells, {collected.measurements} measurements", file=sys.stderr)
+        print_warnings(collected)
+    measurements, cells = _tables(directory)
+    sys.stdout.write(render(run(args.sql, measurements, cells), args.format))
+    truncated = truncated_cells(cells)
+    if truncated and not collected:  # a collect has just said it
+        print(truncation_warning(truncated), file=sys.stderr)
+    return 0
+
+
+def _tables(directory: Path) -> tuple[pa.Table, pa.Table]:
+    return read_rows(directory / MEASUREMENTS_FILE), read_table(directory / CELLS_FILE, CELL_SCHEMA)
+
+
+def _json_value(value: Any) -> Any:
+    """JSON for what DuckDB returns beyond JSON's types: times as ISO 8601, exact sums as numbers."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return str(value)

@@ -1,0 +1,166 @@
+"""`rftbench import-reference`: the study authors' published per-cell table as an RFTBench study.
+
+Their file has one row per cell: five accuracies (`clean_acc, Linf_acc, L2_acc, L1_acc,
+common_acc`) and their names for the axes (`dataset, backbone, loss_function, ft_strategy`).
+Their names map to ours through one table, the `study_name` of every conf/{dataset,model,loss,
+protocol} option, checked both ways: every name of theirs maps, and no two options map to one.
+Each row becomes the cell of `study=paper` with the same axes (same cell id, so the same analysis
+applies to imported and own results), written as cell directories like a run's and collected.
+
+What the file does not say is not invented: n_examples is the dataset's configured test_size,
+n_correct = round(accuracy * n_examples) while `accuracy` keeps the published value exactly (some
+published numbers were computed on fewer images, and the file does not say which, so imported
+cells are not flagged truncated); seed, attempts, versions and times are null; `source` is
+"imported" and `source_file` names the file and its sha256.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from benchmark.cell import AXES, ROWS_FILE, Cell, write_config
+from benchmark.collect import CELLS_DIR, Collected, collect, print_warnings
+from benchmark.errors import RFTBenchError
+from benchmark.paths import study_dir
+from benchmark.results import (
+    CELL_SCHEMA,
+    CELLS_FILE,
+    COLUMNS,
+    MEASUREMENTS_FILE,
+    condition_columns,
+    read_rows,
+    read_table,
+    study_from,
+    write_rows,
+)
+from benchmark.study import load_option, options, plan
+
+PUBLISHED_STUDY = "paper"  # the conf/study whose cells the published table holds
+DEFAULT_STUDY = "paper-published"
+# Their column per axis, and their accuracy column per condition (an eval option of ours).
+AXIS_COLUMNS = {"dataset": "dataset", "model": "backbone", "loss": "loss_function", "protocol": "ft_strategy"}
+CONDITIONS = {"clean_acc": "clean", "Linf_acc": "linf", "L2_acc": "l2", "L1_acc": "l1", "common_acc": "common"}
+
+
+def import_reference(path: Path, study: str = DEFAULT_STUDY, results_root: Path | None = None) -> Collected:
+    """Import the published table at `path` as study `study`; idempotent."""
+    table = read_published(path)
+    cells = published_cells(table)
+    source_file = f"{path.name} sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
+    directory = study_dir(study, results_root)
+    _check_target(directory, {cell.id for cell in cells}, source_file)
+    for cell, (_, row) in zip(cells, table.iterrows()):
+        cell_dir = cell.directory(directory)
+        write_config(cell, cell_dir, study)
+        write_rows(cell_dir / ROWS_FILE, published_rows(cell, row, study, source_file))
+    return collect(directory)
+
+
+def read_published(path: Path) -> pd.DataFrame:
+    """The published table, its accuracies parsed exactly as written (round-trip floats)."""
+    try:
+        table = pd.read_csv(path, float_precision="round_trip")
+    except (OSError, ValueError) as err:
+        raise RFTBenchError(f"cannot read the published table {path}: {err}") from None
+    missing = [c for c in (*AXIS_COLUMNS.values(), *CONDITIONS) if c not in table.columns]
+    if missing:
+        raise RFTBenchError(f"{path} is not the published per-cell table: no columns {missing}")
+    accuracies = table[list(CONDITIONS)].apply(pd.to_numeric, errors="coerce")
+    bad = table.index[~((accuracies >= 0) & (accuracies <= 1)).all(axis=1)]
+    if len(bad):
+        raise RFTBenchError(f"{path}: accuracies missing or outside [0, 1] in rows {list(bad[:10])}")
+    return table.assign(**accuracies)
+
+
+def name_mapping(axis: str, study_names: Mapping[str, str | None]) -> dict[str, str]:
+    """Their name -> our option, from each option's `study_name` (None: not in their study).
+    Two options claiming one name of theirs is an error naming both."""
+    mapping: dict[str, str] = {}
+    clashes = []
+    for option, theirs in sorted(study_names.items()):
+        if theirs is None:
+            continue
+        if theirs in mapping:
+            clashes.append(f"{theirs!r} (conf/{axis}/{mapping[theirs]}.yaml and conf/{axis}/{option}.yaml)")
+        mapping.setdefault(theirs, option)
+    if clashes:
+        raise RFTBenchError(f"several {axis} options have the same study_name: {'; '.join(clashes)}")
+    return mapping
+
+
+def published_cells(table: pd.DataFrame) -> list[Cell]:
+    """The `study=paper` cell of each row; every name of theirs must map to an option of ours."""
+    ours = {}
+    unmapped = []
+    for axis, column in AXIS_COLUMNS.items():
+        mapping = name_mapping(axis, {o: load_option(axis, o).get("study_name") for o in options(axis)})
+        ours[axis] = table[column].map(mapping)
+        names = sorted(set(table.loc[ours[axis].isna(), column]))
+        if names:
+            unmapped.append(f"{column} {', '.join(map(repr, names))} (no conf/{axis} option has it as study_name)")
+    if unmapped:
+        raise RFTBenchError(f"the published table has names without an option of ours: {'; '.join(unmapped)}")
+    by_axes = {tuple(cell.axes.values()): cell for cell in plan([f"study={PUBLISHED_STUDY}"]).cells}
+    keys = list(zip(*(ours[axis] for axis in AXES)))
+    outside = sorted({key for key in keys if key not in by_axes})
+    if outside:
+        raise RFTBenchError(f"{len(outside)} published cells are not cells of study={PUBLISHED_STUDY}, e.g. {outside[:3]}")
+    repeated = sorted(key for key, count in Counter(keys).items() if count > 1)
+    if repeated:
+        raise RFTBenchError(f"{len(repeated)} cells appear more than once in the published table, e.g. {repeated[:3]}")
+    return [by_axes[key] for key in keys]
+
+
+def published_rows(cell: Cell, row: Mapping[str, Any], study: str, source_file: str) -> list[dict[str, Any]]:
+    """The cell's five rows: the published accuracies, counts on the configured test size."""
+    n_examples = cell.config["dataset"]["test_size"]
+    return [
+        {
+            **dict.fromkeys(COLUMNS),
+            **condition_columns(cell.config["eval"][condition]),
+            "study": study,
+            "cell_id": cell.id,
+            **cell.axes,
+            "condition": condition,
+            "n_examples": n_examples,
+            "n_correct": round(float(row[column]) * n_examples),  # ties to even
+            "accuracy": float(row[column]),
+            "source": "imported",
+            "source_file": source_file,
+        }
+        for column, condition in CONDITIONS.items()
+    ]
+
+
+def import_command(args: argparse.Namespace) -> int:
+    study, results_root = study_from(args.overrides, default=DEFAULT_STUDY)
+    path = Path(args.path)
+    report = import_reference(path, study, results_root)
+    print(f"imported {path.name} as study {study}: {report.cells} cells, {report.measurements} measurements in {report.study_dir}")
+    print_warnings(report)
+    return 1 if report.problems else 0
+
+
+def _check_target(directory: Path, cell_ids: set[str], source_file: str) -> None:
+    """Refuse to mix: the study may hold only cells imported earlier from this same file."""
+    if not (directory / CELLS_DIR).is_dir():
+        return
+    problems = collect(directory).problems
+    sources = set(read_rows(directory / MEASUREMENTS_FILE)["source_file"].to_pylist()) - {source_file}
+    others = set(read_table(directory / CELLS_FILE, CELL_SCHEMA)["cell_id"].to_pylist()) - cell_ids
+    reasons = [
+        *([f"{len(problems)} unreadable cells"] if problems else []),
+        *([f"rows from {sorted(sources, key=str)}"] if sources else []),
+        *([f"{len(others)} cells that this import does not write (own runs, or conf/ changed)"] if others else []),
+    ]
+    if reasons:
+        raise RFTBenchError(
+            f"study {directory.name!r} already holds {'; '.join(reasons)}: import into another "
+            f"study=NAME, or remove {directory} to import afresh"
+        )
