@@ -62,9 +62,10 @@ def levels(frame: pd.DataFrame, factor: str) -> list[str]:
     return ordered(frame[factor].dropna(), LEVEL_ORDER.get(factor, ()))
 
 
-def load(study: str, results_root: Path | None = None) -> pd.DataFrame:
-    """The study's prepared cells (see `prepare`), read from its result table."""
-    return prepare(results.load(study, results_root=results_root))
+def load(study: str, results_root: str | Path | None = None) -> pd.DataFrame:
+    """The study's prepared cells (see `prepare`), read from its result table (`results_root`
+    None: `$RFTBENCH_RESULTS`, else `results/`)."""
+    return prepare(results.load(study, results_root=Path(results_root) if results_root else None))
 
 
 def prepare(long: pd.DataFrame) -> pd.DataFrame:

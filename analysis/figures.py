@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -34,8 +35,6 @@ def _mapping(values: list[str], known: dict[str, object], extra) -> dict[str, ob
 
 
 def _palette(values: list[str], name: str = "tab10") -> dict[str, object]:
-    from matplotlib import colormaps
-
     colours = colormaps[name].colors
     return {v: colours[i % len(colours)] for i, v in enumerate(values)}
 
@@ -43,6 +42,8 @@ def _palette(values: list[str], name: str = "tab10") -> dict[str, object]:
 def scatter(ranking: pd.DataFrame, intervals: pd.DataFrame | None = None) -> Figure:
     """Mean clean vs mean robust accuracy, one point per configuration: marker = type, size =
     size class, colour = pretraining, edge = loss; degenerate ones ringed in red."""
+    if "mean_robust" not in ranking:
+        raise Skip("a clean vs robust scatter needs a condition besides clean")
     fig = Figure(figsize=(10, 6.5), layout="constrained")
     ax = fig.add_subplot()
     markers = _mapping(levels(ranking, "type"), MARKERS, EXTRA_MARKERS)
@@ -57,10 +58,10 @@ def scatter(ranking: pd.DataFrame, intervals: pd.DataFrame | None = None) -> Fig
                     fmt="none", ecolor="0.6", elinewidth=0.8, zorder=1)
     for kind, group in ranking.groupby("type", sort=False):
         ax.scatter(group["mean_clean"], group["mean_robust"], marker=markers[kind],
-                   s=group["size"].map(sizes), c=[colours[p] for p in group["pretraining"]],
+                   s=group["size"].map(sizes).astype(float), c=[colours[p] for p in group["pretraining"]],
                    edgecolors=[edges[loss] for loss in group["loss"]], linewidths=1.4, zorder=2, gid=POINTS)
     bad = ranking[ranking["degenerate"]]
-    ax.scatter(bad["mean_clean"], bad["mean_robust"], s=bad["size"].map(sizes) * 3, facecolors="none",
+    ax.scatter(bad["mean_clean"], bad["mean_robust"], s=bad["size"].map(sizes).astype(float) * 3, facecolors="none",
                edgecolors=DEGENERATE_COLOUR, linewidths=1.2, zorder=3, gid="degenerate")
     robust = [c.removeprefix("mean_") for c in ranking.columns if c.startswith("mean_") and c not in ("mean_clean", "mean_robust")]
     ax.set_xlabel("mean clean accuracy over datasets")
@@ -85,18 +86,20 @@ def _handle(marker: str, colour="0.5", edge="black", size: float = 50.0, label: 
 
 def radar(winners: pd.DataFrame, title: str) -> Figure:
     """Each dataset's winning configuration over the conditions (the table's condition columns)."""
-    conditions = [c for c in winners.columns if c not in ("model", "loss", "score")]
+    conditions = [c for c in winners.columns if c not in ("model", "loss", "score", "degenerate")]
     if len(conditions) < 3:
-        raise Skip(f"a radar needs 3+ conditions; the table has {conditions}")
+        raise Skip(f"a radar needs 3+ conditions (fewer make no polygon); the study has {conditions}")
     angles = np.linspace(0, 2 * np.pi, len(conditions), endpoint=False)
     fig = Figure(figsize=(8, 6.5), layout="constrained")
     ax = fig.add_subplot(projection="polar")
     for dataset, row in winners.iterrows():
         values = row[conditions].to_numpy(float)
+        flag = " (degenerate: clean ≈ chance)" if row.get("degenerate", False) else ""
         ax.plot(np.append(angles, angles[0]), np.append(values, values[0]), marker="o", markersize=3,
-                label=f"{dataset}: {row['model']} / {row['loss']}")
+                label=f"{dataset}: {row['model']} / {row['loss']}{flag}")
     ax.set_xticks(angles, labels=[condition_label(c) for c in conditions])
     ax.set_ylim(0, 1)
+    ax.set_rlabel_position(np.degrees(angles[1] / 2))  # between two axes, clear of their labels
     ax.set_title(title)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.06), fontsize=8, frameon=False)
     return fig
@@ -162,16 +165,21 @@ def odds_plot(odds: pd.DataFrame, clip: float = 100.0) -> Figure:
     ax = fig.add_subplot()
     offsets = np.linspace(-0.25, 0.25, len(protocols)) if len(protocols) > 1 else [0.0]
     for offset, protocol in zip(offsets, protocols):
-        sub = odds[odds["protocol"] == protocol].set_index("size").reindex(sizes)
-        y = np.arange(len(sizes)) + offset
+        sub = odds[odds["protocol"] == protocol]
+        y = sub["size"].map(sizes.index) + offset
         ratio = sub["odds_ratio"].clip(1 / clip, clip)
         low, high = sub["ci_low"].clip(1 / clip, clip), sub["ci_high"].clip(1 / clip, clip)
         ax.errorbar(ratio, y, xerr=[ratio - low, high - ratio], fmt="o", color=colours[protocol], label=protocol, capsize=3)
+        for xi, yi, row in zip(ratio, y, sub.itertuples()):
+            clipped = "" if np.isnan(row.odds_ratio) or 1 / clip < row.odds_ratio < clip else f" (OR = {row.odds_ratio:g})"
+            ax.annotate(f"{row.trades_wins}:{row.classic_at_wins}{clipped}", (xi, yi), textcoords="offset points",
+                        xytext=(0, 4), ha="center", fontsize=7, color=colours[protocol])
     ax.axvline(1.0, color="0.4", linestyle="--", linewidth=1)
     ax.set_xscale("log")
     ax.set_xlim(1 / clip / 1.5, clip * 1.5)
     ax.set_yticks(range(len(sizes)), labels=sizes)
-    ax.set_xlabel("odds ratio: TRADES beats Classic AT (size class vs the rest), 95% exact CI")
+    ax.set_xlabel("odds ratio of TRADES beating Classic AT, size class vs the rest (95% exact CI);\n"
+                  "labels: backbones where TRADES wins : where Classic AT wins")
     ax.legend(fontsize=8, frameon=False)
     ax.set_title("TRADES vs Classic AT on score_sum")
     return fig
@@ -185,11 +193,16 @@ def proxy_scatter(pairs: dict[str, pd.DataFrame], proxy: pd.DataFrame) -> Figure
         colours = _mapping(levels(table, "loss"), LOSS_COLOURS, ("tab:green", "tab:purple"))
         ax.scatter(table["score_sum"], table["score_sum_reference"], c=[colours[v] for v in table["loss"]],
                    s=20, gid=POINTS)
+        bad = table[table["degenerate"]]
+        ax.scatter(bad["score_sum"], bad["score_sum_reference"], s=80, facecolors="none",
+                   edgecolors=DEGENERATE_COLOUR, linewidths=1.0, gid="degenerate")
         stat = proxy[(proxy["protocol"] == protocol) & (proxy["loss"] == "all")].iloc[0]
         ax.set_title(f"{protocol} vs {stat['reference']}: ρ = {stat['rho']:.2f} (p = {stat['p']:.1e})", fontsize=10)
         ax.set_xlabel(f"score_sum under {protocol}")
         ax.set_ylabel(f"score_sum under {stat['reference']}")
-        ax.legend(handles=[_handle("o", colour=c, edge=c, label=v) for v, c in colours.items()], fontsize=8, frameon=False)
+        ax.legend(handles=[_handle("o", colour=c, edge=c, label=v) for v, c in colours.items()]
+                  + [_handle("o", colour="none", edge=DEGENERATE_COLOUR, label="degenerate under either")],
+                  fontsize=8, frameon=False)
         ax.grid(alpha=0.3)
     return fig
 

@@ -105,7 +105,8 @@ def degenerate_configurations(cells: pd.DataFrame, protocol: str) -> pd.DataFram
 
 def winners(cells: pd.DataFrame, protocol: str) -> pd.DataFrame:
     """Per dataset (rows): the configuration with the highest summed accuracy over the conditions
-    on it, and its accuracy per condition (columns in the canonical condition order)."""
+    on it, its accuracy per condition (columns in the canonical condition order), and whether
+    its clean accuracy there is near chance."""
     matrix = accuracy_matrix(cells, protocol)
     order = conditions(cells[cells["protocol"] == protocol])
     rows = {}
@@ -114,8 +115,11 @@ def winners(cells: pd.DataFrame, protocol: str) -> pd.DataFrame:
         score = block.sum(axis=1)
         best = score.sort_index().idxmax()  # ties: the first configuration by name
         rows[dataset] = {"model": best[0], "loss": best[1], "score": score[best], **block.loc[best]}
+    bad = degenerate_cells(cells[cells["protocol"] == protocol])
+    flagged = set(zip(bad["dataset"], bad["model"], bad["loss"]))
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.index.name = "dataset"
+    table["degenerate"] = [(d, m, l) in flagged for d, m, l in zip(table.index, table["model"], table["loss"])]
     return table
 
 

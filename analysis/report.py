@@ -23,10 +23,8 @@ from matplotlib.figure import Figure
 from analysis import bootstrap, figures, rankings, stats
 from analysis.data import CELL, AnalysisWarning, Skip, prepare, protocols
 from benchmark import paths, results
-from benchmark.errors import RFTBenchError, unknown_choice
 
 PAPER_TABLES = ("csv", "md", "tex")  # formats of the tables the paper prints
-KEYS = ("study",)  # the overrides `figures` accepts
 
 
 @dataclass
@@ -60,7 +58,8 @@ class Report:
         section.notes += [str(w.message) for w in caught if issubclass(w.category, AnalysisWarning)]
         for note in section.notes:
             self.log(f"  {title}: {note}")
-        self.log(f"{title}: done in {time.perf_counter() - start:.1f} s")
+        self.log(f"{title}: {len(section.tables)} tables, {len(section.plots)} figures "
+                 f"in {time.perf_counter() - start:.1f} s")
 
     def table(self, section: Section, frame: pd.DataFrame, name: str, formats: tuple[str, ...] = ("csv",),
               index: bool = False) -> None:
@@ -190,25 +189,11 @@ def render(study: str, sections: list[Section]) -> str:
 
 
 def figures_command(args: argparse.Namespace) -> int:
-    """`rftbench figures study=NAME [--out DIR]`."""
+    """`rftbench figures [study=NAME] [paths.results=DIR] [--out DIR]`."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: the command never opens a window
-    study = _study(args.overrides)
-    out = Path(args.out) if args.out else paths.study_dir(study) / "figures"
-    build(study, out)
+    study, results_root = results.study_from(args.overrides)
+    out = Path(args.out) if args.out else paths.study_dir(study, results_root) / "figures"
+    build(study, out, results_root)
     return 0
-
-
-def _study(overrides: list[str]) -> str:
-    settings = {}
-    for word in overrides:
-        key, sep, value = word.partition("=")
-        if not sep or not value:
-            raise RFTBenchError(f"malformed override {word!r}: expected key=value, e.g. study=paper")
-        if key not in KEYS:
-            raise unknown_choice("override key for figures", key, KEYS)
-        settings[key] = value
-    if "study" not in settings:
-        raise RFTBenchError("figures needs the study to analyse: study=NAME")
-    return settings["study"]

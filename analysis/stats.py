@@ -80,9 +80,12 @@ def proxy(tables: dict[str, pd.DataFrame], reference: str = REFERENCE_PROTOCOL) 
 
 
 def proxy_pairs(tables: dict[str, pd.DataFrame], protocol: str, reference: str = REFERENCE_PROTOCOL) -> pd.DataFrame:
-    """The configurations ranked under both protocols, with both score_sums."""
-    ref = tables[reference][["model", "loss", "score_sum"]].rename(columns={"score_sum": "score_sum_reference"})
-    return tables[protocol][["model", "loss", "score_sum"]].merge(ref, on=["model", "loss"])
+    """The configurations ranked under both protocols, with both score_sums; `degenerate` if
+    under either."""
+    columns = ["model", "loss", "score_sum", "degenerate"]
+    pairs = tables[protocol][columns].merge(tables[reference][columns], on=["model", "loss"], suffixes=("", "_reference"))
+    pairs["degenerate"] = pairs["degenerate"] | pairs.pop("degenerate_reference")
+    return pairs
 
 
 def odds_trades(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -123,21 +126,20 @@ def _fisher(counts: list[list[int]]) -> dict[str, float]:
 
 def main_effects(tables: dict[str, pd.DataFrame], factors: tuple[str, ...] = FACTORS) -> pd.DataFrame:
     """Mean Borda per level of each factor, per protocol, with ANOVA p and Tukey letters."""
-    rows = []
-    for protocol, table in tables.items():
-        for factor in factors:
-            rows += _effect(table, [factor], protocol)
-    return pd.DataFrame(rows)
+    return _effects([(table, [factor], protocol) for protocol, table in tables.items() for factor in factors])
 
 
 def interactions(tables: dict[str, pd.DataFrame], factors: tuple[str, ...] = FACTORS) -> pd.DataFrame:
     """Mean Borda per pair of levels of each pair of factors, per protocol (one-way over the
     combined levels), with ANOVA p and Tukey letters."""
-    rows = []
-    for protocol, table in tables.items():
-        for pair in itertools.combinations(factors, 2):
-            rows += _effect(table, list(pair), protocol)
-    return pd.DataFrame(rows)
+    pairs = list(itertools.combinations(factors, 2))
+    return _effects([(table, list(pair), protocol) for protocol, table in tables.items() for pair in pairs])
+
+
+def _effects(tasks: list[tuple[pd.DataFrame, list[str], str]]) -> pd.DataFrame:
+    if not tasks:
+        raise Skip("no ranking (or no factor) to test effects on")
+    return pd.DataFrame([row for task in tasks for row in _effect(*task)])
 
 
 def _effect(table: pd.DataFrame, factors: list[str], protocol: str) -> list[dict]:

@@ -26,6 +26,7 @@ from benchmark.errors import RFTBenchError, unknown_choice
 log = logging.getLogger(__name__)
 
 AUTOATTACK_NORMS = ("Linf", "L2", "L1")
+AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "custom")
 
 
 @dataclass(kw_only=True)
@@ -111,9 +112,15 @@ def clean(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
 # minute), so a resume may repeat the last finished attack on its survivors.
 
 def autoattack(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-    """AutoAttack (pyautoattack, Croce & Hein 2020) at cfg norm/eps/version/seed."""
+    """AutoAttack (pyautoattack, Croce & Hein 2020) at cfg norm, eps, version, seed. With
+    version "custom", cfg `attacks` lists the attacks (pyautoattack's defaults for each)."""
     if cfg["norm"] not in AUTOATTACK_NORMS:
         raise unknown_choice(f"AutoAttack norm (condition {ctx.condition})", cfg["norm"], AUTOATTACK_NORMS)
+    if cfg["version"] not in AUTOATTACK_VERSIONS:
+        raise unknown_choice(f"AutoAttack version (condition {ctx.condition})", cfg["version"], AUTOATTACK_VERSIONS)
+    if (cfg["version"] == "custom") != bool(cfg.get("attacks")):
+        raise RFTBenchError(f"condition {ctx.condition}: AutoAttack takes a list of `attacks` with version "
+                            f"custom, and only then (got version {cfg['version']!r}, attacks {cfg.get('attacks')!r})")
     path = ctx.work_dir / "aa_state" / f"{ctx.condition}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_correct = ctx.predict(ctx.x) == ctx.y
@@ -122,14 +129,15 @@ def autoattack(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any
         robust = _run_autoattack(ctx, cfg, ctx.x, ctx.y, path)
     else:
         robust = _resume_autoattack(ctx, cfg, state, path)
-    description = {"norm": cfg["norm"], "epsilon": float(cfg["eps"]), "attack": f"autoattack-{cfg['version']}",
+    attack = f"autoattack-{cfg['version']}" + (f"({','.join(cfg['attacks'])})" if cfg.get("attacks") else "")
+    description = {"norm": cfg["norm"], "epsilon": float(cfg["eps"]), "attack": attack,
                    "attack_version": pyautoattack.__version__}
     return robust, description
 
 
 def _new_autoattack(ctx: Context, cfg: dict[str, Any]) -> pyautoattack.AutoAttack:
     adversary = pyautoattack.AutoAttack(ctx.model, norm=cfg["norm"], eps=cfg["eps"], version=cfg["version"],
-                                        device=ctx.device, seed=cfg["seed"])
+                                        attacks=cfg.get("attacks"), device=ctx.device, seed=cfg["seed"])
     # Its records (debug progress, warnings of its sanity checks) go to our log, not stderr.
     adversary.logger = adversary.apgd.logger = adversary.apgd_targeted.logger = log.getChild("autoattack")
     return adversary

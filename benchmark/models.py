@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from torch import nn
 
 from benchmark.atomic import write_atomic, write_json_atomic
 from benchmark.errors import RFTBenchError
+from benchmark.study import plan
 
 
 class Classifier(nn.Module):
@@ -149,22 +152,28 @@ def _missing_weights_message(model_cfg: dict[str, Any], path: Path) -> str:
     name = model_cfg["name"]
     fetch = f"rftbench fetch-weights study=paper model={name}"
     if model_cfg["source"] == "local":
-        return (f"pretrained weights of {name!r} not found: {path}. Download the checkpoint from "
-                f"{model_cfg['weights']['url']} (conf/model/{name}.yaml says which file) and save it "
-                f"there; `{fetch}` prints the same")
+        return (f"pretrained weights of {name!r} not found: {path}. {_by_hand(model_cfg, path)} "
+                f"(`{fetch}` says the same for every backbone that needs it)")
     return (f"pretrained weights of {name!r} not found: {path}. Fetch them with `{fetch}` on a "
             "machine with internet access, then copy the weights folder here or point "
             "RFTBENCH_WEIGHTS (paths.weights) at it")
 
 
+def _by_hand(model_cfg: dict[str, Any], path: Path) -> str:
+    return (f"Download the checkpoint from {model_cfg['weights']['url']} (conf/model/{model_cfg['name']}.yaml "
+            f"says which file) and save it as {path}")
+
+
 # The demo's source pretraining: classify the digits 0-5 of scikit-learn's bundled 8x8 digits,
-# upsampled to 32x32 like the demo's target dataset. A task of its own: the target classifies
-# all ten digits with a new head. Changing the recipe invalidates the cached weights.
+# upsampled to 32x32 like the demo's target dataset. A task of its own (the target classifies all
+# ten digits with a new head), but on the same pool of images, some of them in the target's test
+# split: it shows the mechanics of transfer, it is no clean transfer experiment. Changing the
+# recipe invalidates the cached weights.
 DEMO_RECIPE = {
     "task": "sklearn load_digits, digits 0-5, 8x8 upsampled (bilinear) to 32x32, 3 channels",
     "classes": 6,
     "held_out_fraction": 0.25,
-    "epochs": 6,
+    "epochs": 5,
     "batch_size": 64,
     "optimizer": "AdamW",
     "lr": 2e-3,
@@ -178,15 +187,13 @@ def make_demo_weights(model_cfg: dict[str, Any], weights_root: Path) -> Path:
     """Pretrain a demo backbone on the digits source task, once: the weights are cached with a
     JSON record of the recipe and the held-out source accuracy beside them."""
     path = weights_path(model_cfg, weights_root)
-    record_path = path.with_suffix(".json")
-    if path.exists() and record_path.exists() and _read_json(record_path).get("recipe") == DEMO_RECIPE:
+    if _demo_weights_cached(path):
         return path
     start = time.perf_counter()
-    with torch.random.fork_rng():  # leave the caller's random stream (its head init) untouched
+    with torch.random.fork_rng(), _one_thread():  # fork: leave the caller's random stream untouched
         model, accuracy, sizes = _pretrain_on_digits(model_cfg)
-    state = {key: value.contiguous() for key, value in model.state_dict().items()}
-    write_atomic(path, lambda tmp: safetensors.torch.save_file(state, str(tmp)))
-    write_json_atomic(record_path, {
+    _save_checkpoint(model, path)
+    write_json_atomic(path.with_suffix(".json"), {
         "model": model_cfg["name"], "arch": model_cfg["arch"], "recipe": DEMO_RECIPE,
         "source_accuracy": accuracy, **sizes, "seconds": round(time.perf_counter() - start, 1),
         "timm_version": timm.__version__, "torch_version": torch.__version__,
@@ -194,11 +201,24 @@ def make_demo_weights(model_cfg: dict[str, Any], weights_root: Path) -> Path:
     return path
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads (on a busy CPU they lose a lot), and one
+    thread keeps the weights independent of the machine's core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo_weights_cached(path: Path) -> bool:
+    """Weights made by the current recipe (their record is written after them)."""
+    try:
+        return path.exists() and json.loads(path.with_suffix(".json").read_text())["recipe"] == DEMO_RECIPE
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return False
 
 
 def _digits_source() -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +237,7 @@ def _pretrain_on_digits(model_cfg: dict[str, Any]) -> tuple[nn.Module, float, di
                                            random_state=recipe["seed"], stratify=y.numpy())
     model = Classifier(_timm_model(model_cfg, recipe["classes"], pretrained=False),
                        model_cfg["input"]["mean"], model_cfg["input"]["std"])
-    steps = recipe["epochs"] * -(-len(train_idx) // recipe["batch_size"])
+    steps = recipe["epochs"] * math.ceil(len(train_idx) / recipe["batch_size"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     model.train()
@@ -238,8 +258,6 @@ def _pretrain_on_digits(model_cfg: dict[str, Any]) -> tuple[nn.Module, float, di
 def fetch_weights_command(args: argparse.Namespace) -> int:
     """`rftbench fetch-weights study=NAME [model=...]`: fill the weights cache for a study's
     backbones. Exit code 0 when every backbone's weights are in the cache afterwards."""
-    from benchmark.study import plan
-
     study = plan(args.overrides)
     weights_root = Path(study.config["paths"]["weights"])
     model_cfgs = {cell.config["model"]["name"]: cell.config["model"] for cell in study.cells}
@@ -247,14 +265,14 @@ def fetch_weights_command(args: argparse.Namespace) -> int:
     complete = True
     for name, model_cfg in model_cfgs.items():
         path = weights_path(model_cfg, weights_root)
-        if model_cfg["source"] == "demo":
+        if model_cfg["source"] == "demo" and not _demo_weights_cached(path):
             make_demo_weights(model_cfg, weights_root)
-            print(f"{name}: made (demo pretraining on digits, cached) {path}")
+            print(f"{name}: made by the demo's source pretraining on digits: {path}")
         elif path.exists():
             print(f"{name}: present {path}")
         elif model_cfg["source"] == "local":
             complete = False
-            print(f"{name}: download by hand: {_missing_weights_message(model_cfg, path)}")
+            print(f"{name}: to download by hand. {_by_hand(model_cfg, path)}")
         elif hub_offline:
             complete = False
             print(f"{name}: not attempted: the Hugging Face hub is unreachable (see above)")
@@ -275,6 +293,9 @@ def fetch_weights_command(args: argparse.Namespace) -> int:
 
 def _download(model_cfg: dict[str, Any], path: Path) -> None:
     """The timm checkpoint of `model_cfg`, through timm's hub download, saved in the cache."""
-    model = timm.create_model(model_cfg["name"], pretrained=True)
+    _save_checkpoint(timm.create_model(model_cfg["name"], pretrained=True), path)
+
+
+def _save_checkpoint(model: nn.Module, path: Path) -> None:
     state = {key: value.contiguous() for key, value in model.state_dict().items()}
     write_atomic(path, lambda tmp: safetensors.torch.save_file(state, str(tmp)))

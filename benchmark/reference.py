@@ -5,7 +5,8 @@ common_acc`) and their names for the axes (`dataset, backbone, loss_function, ft
 Their names map to ours through one table, the `study_name` of every conf/{dataset,model,loss,
 protocol} option, checked both ways: every name of theirs maps, and no two options map to one.
 Each row becomes the cell of `study=paper` with the same axes (same cell id, so the same analysis
-applies to imported and own results), written as cell directories like a run's and collected.
+applies to imported and own results), written as cell directories like a run's and collected,
+into a study of another name (in `paper` itself, launch would take the cells for done).
 
 What the file does not say is not invented: n_examples is the dataset's configured test_size,
 n_correct = round(accuracy * n_examples) while `accuracy` keeps the published value exactly (some
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
 from benchmark.cell import AXES, ROWS_FILE, Cell, write_config
 from benchmark.collect import CELLS_DIR, Collected, collect, print_warnings
@@ -33,11 +35,13 @@ from benchmark.results import (
     CELLS_FILE,
     COLUMNS,
     MEASUREMENTS_FILE,
+    CorruptResultError,
     condition_columns,
     read_rows,
     read_table,
+    rows_table,
     study_from,
-    write_rows,
+    write_table,
 )
 from benchmark.study import load_option, options, plan
 
@@ -50,6 +54,12 @@ CONDITIONS = {"clean_acc": "clean", "Linf_acc": "linf", "L2_acc": "l2", "L1_acc"
 
 def import_reference(path: Path, study: str = DEFAULT_STUDY, results_root: Path | None = None) -> Collected:
     """Import the published table at `path` as study `study`; idempotent."""
+    if study in options("study"):
+        # Its cells have the ids of the configured study's own cells: launch would think them done.
+        raise RFTBenchError(
+            f"study={study} is a configured study (conf/study/{study}.yaml): import into another name, "
+            f"e.g. study={DEFAULT_STUDY}"
+        )
     table = read_published(path)
     cells = published_cells(table)
     source_file = f"{path.name} sha256:{hashlib.sha256(path.read_bytes()).hexdigest()}"
@@ -58,19 +68,19 @@ def import_reference(path: Path, study: str = DEFAULT_STUDY, results_root: Path 
     for cell, (_, row) in zip(cells, table.iterrows()):
         cell_dir = cell.directory(directory)
         write_config(cell, cell_dir, study)
-        write_rows(cell_dir / ROWS_FILE, published_rows(cell, row, study, source_file))
+        _write_if_changed(cell_dir / ROWS_FILE, rows_table(published_rows(cell, row, study, source_file)))
     return collect(directory)
 
 
 def read_published(path: Path) -> pd.DataFrame:
-    """The published table, its accuracies parsed exactly as written (round-trip floats)."""
+    """The published table; its accuracies parse to the floats nearest the written decimals."""
     try:
-        table = pd.read_csv(path, float_precision="round_trip")
+        table = pd.read_csv(path)
     except (OSError, ValueError) as err:
         raise RFTBenchError(f"cannot read the published table {path}: {err}") from None
     missing = [c for c in (*AXIS_COLUMNS.values(), *CONDITIONS) if c not in table.columns]
-    if missing:
-        raise RFTBenchError(f"{path} is not the published per-cell table: no columns {missing}")
+    if missing or table.empty:
+        raise RFTBenchError(f"{path} is not the published per-cell table: {f'no columns {missing}' if missing else 'no rows'}")
     accuracies = table[list(CONDITIONS)].apply(pd.to_numeric, errors="coerce")
     bad = table.index[~((accuracies >= 0) & (accuracies <= 1)).all(axis=1)]
     if len(bad):
@@ -142,9 +152,21 @@ def import_command(args: argparse.Namespace) -> int:
     study, results_root = study_from(args.overrides, default=DEFAULT_STUDY)
     path = Path(args.path)
     report = import_reference(path, study, results_root)
-    print(f"imported {path.name} as study {study}: {report.cells} cells, {report.measurements} measurements in {report.study_dir}")
+    print(f"imported {path.name} as study {study}: {report.cells} cells, {report.measurements} measurements "
+          f"in {report.study_dir}")
     print_warnings(report)
     return 1 if report.problems else 0
+
+
+def _write_if_changed(path: Path, rows: pa.Table) -> None:
+    """Write `rows` unless the file holds them already: importing again then changes no file, and
+    the collect after it reads nothing."""
+    try:
+        if read_rows(path).equals(rows):
+            return
+    except CorruptResultError:
+        pass  # absent or damaged: written below
+    write_table(path, rows)
 
 
 def _check_target(directory: Path, cell_ids: set[str], source_file: str) -> None:
@@ -152,12 +174,15 @@ def _check_target(directory: Path, cell_ids: set[str], source_file: str) -> None
     if not (directory / CELLS_DIR).is_dir():
         return
     problems = collect(directory).problems
-    sources = set(read_rows(directory / MEASUREMENTS_FILE)["source_file"].to_pylist()) - {source_file}
-    others = set(read_table(directory / CELLS_FILE, CELL_SCHEMA)["cell_id"].to_pylist()) - cell_ids
+    rows = read_rows(directory / MEASUREMENTS_FILE).select(["cell_id", "source", "source_file"]).to_pylist()
+    runs = {row["cell_id"] for row in rows if row["source"] != "imported"}
+    files = {row["source_file"] for row in rows if row["source"] == "imported"} - {source_file}
+    others = set(read_table(directory / CELLS_FILE, CELL_SCHEMA)["cell_id"].to_pylist()) - cell_ids - runs
     reasons = [
+        *([f"{len(runs)} cells of own runs"] if runs else []),
+        *([f"rows imported from {sorted(files, key=str)}"] if files else []),
+        *([f"{len(others)} cells this import does not write (was conf/ changed?)"] if others else []),
         *([f"{len(problems)} unreadable cells"] if problems else []),
-        *([f"rows from {sorted(sources, key=str)}"] if sources else []),
-        *([f"{len(others)} cells that this import does not write (own runs, or conf/ changed)"] if others else []),
     ]
     if reasons:
         raise RFTBenchError(

@@ -49,26 +49,54 @@ class Runtime:
         return torch.device(self.device)
 
 
-def run_cell(cell_dir: Path, runtime: Runtime) -> None:
+def run_cell(cell_dir: Path, runtime: Runtime, job: dict[str, Any] | None = None) -> None:
     """Train and evaluate the cell in `cell_dir`. Its rows appear only when everything succeeded;
-    on failure the state says why (with the traceback) and the exception propagates."""
+    on failure the state says why (with the traceback) and the exception propagates.
+
+    `job`: what the launcher knows of the job running this (its id, its log), recorded in every
+    state the worker writes, so `status` can ask the scheduler about a worker that died silently.
+    """
     document = cells.read_config(cell_dir)
-    cells.write_state(cell_dir, "running", host=os.uname().nodename, pid=os.getpid())
+    details = {**(job or {}), "requeues": _requeues(cells.read_state(cell_dir))}
+    cells.write_state(cell_dir, "running", **details, host=os.uname().nodename, pid=os.getpid())
     started = datetime.now(timezone.utc)
     try:
+        _use_allocated_cpus()
         with _cell_log(cell_dir), _heartbeat(cell_dir):
             _train_and_evaluate(cell_dir, document, runtime, started)
     except BaseException as err:
-        cells.write_state(cell_dir, "failed", reason=f"{type(err).__name__}: {err}",
-                          traceback=traceback.format_exc())
+        if not _interrupted_for_requeue(cell_dir, err):
+            cells.write_state(cell_dir, "failed", **details, reason=f"{type(err).__name__}: {err}",
+                              traceback=traceback.format_exc())
         raise
-    cells.write_state(cell_dir, "done")
+    cells.write_state(cell_dir, "done", **details)
+
+
+def _requeues(state: dict[str, Any]) -> int:
+    """Requeues of the current submission: counted by the launcher from its `submitted` record on
+    (`requeued` records), so a resubmitted cell starts again from 0."""
+    return state.get("requeues", 0) if state["state"] in ("submitted", "requeued") else 0
+
+
+def _interrupted_for_requeue(cell_dir: Path, err: BaseException) -> bool:
+    """A launcher that requeues the cell on a time limit or preemption records `requeued` and then
+    exits the process (SystemExit): that is no failure, and the record must stay."""
+    return isinstance(err, SystemExit) and cells.read_state(cell_dir)["state"] == "requeued"
+
+
+def _use_allocated_cpus() -> None:
+    """As many torch threads as CPUs the scheduler gave the job (torch would take every core of
+    the node, oversubscribing it when several cells share a node)."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus:
+        torch.set_num_threads(int(cpus))
 
 
 def _train_and_evaluate(cell_dir: Path, document: dict, runtime: Runtime, started: datetime) -> None:
     config = document["config"]
     device = runtime.torch_device()
-    log.info("cell %s (%s) on %s", document["cell_id"], document["slug"], device)
+    log.info("cell %s (%s) on %s, %d torch threads", document["cell_id"], document["slug"], device,
+             torch.get_num_threads())
     train.seed_everything(config["seed"])
     splits = data.load_splits(config["dataset"], runtime.data_root)
     model = models.create_model(config["model"], splits.num_classes, runtime.weights_root)

@@ -2,13 +2,27 @@
 
 A sweep is idempotent (DomainBed-style): a cell's id is the hash of its resolved config and its
 state lives in its directory, so relaunching a study launches only what is not done.
+
+A cell's state comes from the files its worker writes (benchmark.cell), reconciled with the
+scheduler for the cells whose files say a worker is at it: a cell whose SLURM job ended without
+the cell recording an outcome (out of memory, node failure, time limit, cancelled, killed) is
+failed with SLURM's reason, from ONE sacct call for the whole study; a running cell without a
+job (local launcher) whose heartbeat stopped is failed too. The states shown are pending,
+queued, running, done and failed.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import json
+import sys
+import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from benchmark import cell as cells
@@ -16,34 +30,143 @@ from benchmark.cell import AXES, Cell
 from benchmark.study import Study, plan
 
 TABLE_ROWS = 40  # cells listed in the text output; --format json lists all
+LOG_LINES = 5  # lines of a failed cell's log shown by `status`
+# The file benchmark.run touches every HEARTBEAT_SECONDS (30 s) while a worker runs; a running
+# cell without a job for the scheduler to ask about is dead once it is this much older.
+HEARTBEAT_FILE = "heartbeat"
+STALE_HEARTBEAT_S = 120.0
+# What a cell's file state shows while a worker may still be at it (reconciled with SLURM).
+ACTIVE = {"submitted": "queued", "requeued": "queued", "running": "running"}
+LIVE = ("queued", "running")
+LAUNCH_LOCK = ".launch.lock"
 
 
-def cell_states(study: Study) -> dict[str, dict[str, Any]]:
-    """State record of every cell of the study, by cell id."""
-    return {c.id: cells.read_state(c.directory(study.dir)) for c in study.cells}
+# --- states -----------------------------------------------------------------------------------
+
+def cell_states(study: Study, subset: list[Cell] | None = None) -> dict[str, dict[str, Any]]:
+    """State record of every cell of the study (or of `subset`), by cell id, reconciled with
+    the scheduler: `state` is one of pending, queued, running, done, failed."""
+    chosen = study.cells if subset is None else subset
+    records = {c.id: cells.read_state(c.directory(study.dir)) for c in chosen}
+    jobs = _job_states(records)
+    now = time.time()
+    return {c.id: reconcile(records[c.id], jobs.get(records[c.id].get("job_id")),
+                            _heartbeat_age(c.directory(study.dir), records[c.id], now)) for c in chosen}
+
+
+def reconcile(record: dict[str, Any], job: dict[str, str] | None, heartbeat_age: float | None) -> dict[str, Any]:
+    """The record to show for a cell: its file `record`, corrected for an active one by what
+    sacct says of its job (`job`: State, ExitCode, ... or None when unknown) or, without a
+    job, by the age in seconds of its worker's heartbeat (None when there is none)."""
+    state = record["state"]
+    if state not in ACTIVE:
+        return record
+    if job is not None:
+        from launchers.slurm import outcome
+
+        shown, reason = outcome(record["job_id"], job)
+        return {**record, "state": shown, **({"reason": reason} if reason else {})}
+    if state == "running" and heartbeat_age is not None and heartbeat_age > STALE_HEARTBEAT_S:
+        where = f"on {record.get('host', '?')} (pid {record.get('pid', '?')})"
+        return {**record, "state": "failed",
+                "reason": f"the worker {where} stopped without recording an outcome: "
+                          f"no heartbeat for {heartbeat_age:.0f} s"}
+    return {**record, "state": ACTIVE[state]}
+
+
+def _job_states(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """sacct's view of the jobs of the active cells: one call; {} when there are none."""
+    ids = [r["job_id"] for r in records.values() if r["state"] in ACTIVE and r.get("job_id")]
+    if not ids:
+        return {}
+    from launchers.slurm import job_states
+
+    jobs = job_states(ids)
+    if jobs is None:
+        print(f"warning: sacct did not answer: {len(ids)} queued or running cells are shown as their "
+              "files say (a job that died without a word looks alive)", file=sys.stderr)
+        return {}
+    return jobs
+
+
+def _heartbeat_age(cell_dir: Path, record: dict[str, Any], now: float) -> float | None:
+    if record["state"] != "running" or record.get("job_id"):
+        return None
+    try:
+        return now - (cell_dir / HEARTBEAT_FILE).stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 def summary(study: Study, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The JSON shape shared by `plan` and `status`: total, by_state and one entry per cell."""
+    """The JSON shape shared by `plan` and `status`: total, by_state and one entry per cell
+    (with its job id when it has one; with reason, traceback and log when it failed)."""
     return {
         "study": study.name,
         "total": len(study.cells),
         "by_state": dict(Counter(states[c.id]["state"] for c in study.cells)),
-        "cells": [{"cell_id": c.id, **c.axes, "state": states[c.id]["state"]} for c in study.cells],
+        "cells": [_entry(c, states[c.id]) for c in study.cells],
     }
 
+
+def _entry(cell: Cell, record: dict[str, Any]) -> dict[str, Any]:
+    keys = ("job_id", "reason", "traceback", "log") if record["state"] == "failed" else ("job_id",)
+    return {"cell_id": cell.id, **cell.axes, "state": record["state"], **{k: record[k] for k in keys if record.get(k)}}
+
+
+def log_tail(record: dict[str, Any], cell_dir: Path, lines: int = LOG_LINES) -> tuple[Path | None, list[str]]:
+    """The last lines of the cell's job log (where SLURM's messages and the traceback land),
+    else of its train.log; (None, []) when it has neither."""
+    for path in (Path(record["log"]) if record.get("log") else None, cell_dir / cells.LOG_FILE):
+        if path is not None and path.exists():
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 16_384))
+                return path, f.read().decode(errors="replace").splitlines()[-lines:]
+    return None, []
+
+
+# --- output -----------------------------------------------------------------------------------
 
 def _print_summary(study: Study, report: dict[str, Any]) -> None:
     print(f"study {study.name}: {report['total']} cells in {study.dir}")
     for axis in AXES:
         counts = Counter(getattr(c, axis) for c in study.cells)
         print(f"  {axis:9s} {len(counts):4d}: " + ", ".join(f"{name} ({n})" for name, n in counts.items()))
-    print("  states: " + ", ".join(f"{state} {n}" for state, n in sorted(report["by_state"].items())))
+    print("  states: " + _counts(report["by_state"]))
     for entry in report["cells"][:TABLE_ROWS]:
         print(f"  {entry['cell_id']}  {entry['state']:8s} " + " ".join(entry[a] for a in AXES))
     if report["total"] > TABLE_ROWS:
         print(f"  ... {report['total'] - TABLE_ROWS} more (--format json lists every cell)")
 
+
+def _counts(by_state: dict[str, int]) -> str:
+    return ", ".join(f"{state} {n}" for state, n in sorted(by_state.items()))
+
+
+def _print_status(study: Study, states: dict[str, dict[str, Any]], report: dict[str, Any]) -> None:
+    print(f"study {study.name}: {report['total']} cells in {study.dir}")
+    print("  " + _counts(report["by_state"]))
+    _print_failed(study, [c for c in study.cells if states[c.id]["state"] == "failed"], states)
+
+
+def _print_failed(study: Study, failed: list[Cell], states: dict[str, dict[str, Any]]) -> None:
+    if not failed:
+        return
+    print(f"failed cells ({len(failed)}):")
+    for cell in failed[:TABLE_ROWS]:
+        record = states[cell.id]
+        job = f"  job {record['job_id']}" if record.get("job_id") else ""
+        print(f"  {cell.slug} ({cell.id}){job}\n    reason: {record.get('reason', 'no reason recorded')}")
+        path, lines = log_tail(record, cell.directory(study.dir))
+        if path is not None:
+            print(f"    {path}:\n" + "\n".join(f"      | {line}" for line in lines))
+    if len(failed) > TABLE_ROWS:
+        print(f"  ... {len(failed) - TABLE_ROWS} more (--format json lists every cell)")
+    launchers = sorted({states[c.id].get("launcher", "local") for c in failed})
+    print(f"resume them with: rftbench resume study={study.name} launcher={'|'.join(launchers)}")
+
+
+# --- commands ---------------------------------------------------------------------------------
 
 def plan_command(args: argparse.Namespace) -> int:
     study = plan(args.overrides)
@@ -55,46 +178,102 @@ def plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launcher(study: Study):
-    """The launcher module named by the config's `launcher.name` (launchers/<name>.py)."""
-    return importlib.import_module(f"launchers.{study.config['launcher']['name']}")
+def _launcher(name: str) -> ModuleType:
+    """The launcher module `name` (launchers/<name>.py, chosen by the config's `launcher.name`)."""
+    return importlib.import_module(f"launchers.{name}")
 
 
-def _submit(study: Study, todo: list[Cell], wait: bool) -> int:
-    if not todo:
-        print(f"study {study.name}: nothing to launch ({len(study.cells)} cells, none pending)")
-        return 0
-    for cell in todo:
-        cells.write_config(cell, cell.directory(study.dir), study.name)
-    return _launcher(study).launch(study, todo, wait=wait)
+@contextmanager
+def _launch_lock(study: Study) -> Iterator[None]:
+    """One launch or resume of a study at a time: the second sees the first's submissions."""
+    study.dir.mkdir(parents=True, exist_ok=True)
+    with open(study.dir / LAUNCH_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _submit(study: Study, wanted: Callable[[str], bool], wait: bool) -> int:
+    """Launch the cells whose state is `wanted`; with `wait`, block until they end, then collect."""
+    launcher = _launcher(study.config["launcher"]["name"])
+    launcher.check(study)  # a clear error before anything is written
+    with _launch_lock(study):
+        states = cell_states(study)
+        todo = [c for c in study.cells if wanted(states[c.id]["state"])]
+        if not todo:
+            print(f"study {study.name}: nothing to launch ({len(study.cells)} cells: {_counts(summary(study, states)['by_state'])})")
+            return 0
+        for cell in todo:
+            cells.write_config(cell, cell.directory(study.dir), study.name)
+        code = launcher.launch(study, todo)
+    if wait:
+        code = max(code, wait_for(study, todo, study.config["launcher"].get("poll_seconds", 10)))
+        _collect(study)
+    return code
+
+
+def wait_for(study: Study, todo: list[Cell], poll_seconds: float) -> int:
+    """Block until none of `todo` is queued or running, printing the counts as they change;
+    1 when any of them failed (listed with reasons), else 0."""
+    last: Counter[str] | None = None
+    while True:
+        states = cell_states(study, todo)
+        counts = Counter(r["state"] for r in states.values())
+        if counts != last:
+            print(f"{time.strftime('%H:%M:%S')} study {study.name}: {_counts(counts)}", flush=True)
+            last = counts
+        if not any(counts[state] for state in LIVE):
+            break
+        time.sleep(poll_seconds)
+    failed = [c for c in todo if states[c.id]["state"] == "failed"]
+    _print_failed(study, failed, states)
+    return 1 if failed else 0
+
+
+def _collect(study: Study) -> None:
+    from benchmark.collect import collect, print_warnings
+
+    report = collect(study.dir)
+    print(f"study {study.name}: collected {report.measurements} measurements of {report.cells} cells")
+    print_warnings(report)
 
 
 def launch_command(args: argparse.Namespace) -> int:
-    study = plan(args.overrides)
-    states = cell_states(study)
-    return _submit(study, [c for c in study.cells if states[c.id]["state"] == "pending"], args.wait)
+    """Launch the pending cells: done, queued and running cells are left alone."""
+    return _submit(plan(args.overrides), lambda state: state == "pending", args.wait)
 
 
 def resume_command(args: argparse.Namespace) -> int:
-    study = plan(args.overrides)
-    states = cell_states(study)
-    return _submit(study, [c for c in study.cells if states[c.id]["state"] in ("pending", "failed")], args.wait)
+    """Launch the failed and the pending cells again (training resumes from their checkpoints)."""
+    return _submit(plan(args.overrides), lambda state: state in ("pending", "failed"), args.wait)
 
 
 def status_command(args: argparse.Namespace) -> int:
     study = plan(args.overrides)
-    states = cell_states(study)
-    report = summary(study, states)
-    if args.format == "json":
-        print(json.dumps(report, indent=2))
-        return 0
-    _print_summary(study, report)
-    for c in study.cells:
-        if states[c.id]["state"] == "failed":
-            print(f"  FAILED {c.slug} ({c.id}): {states[c.id].get('reason', 'no reason recorded')}")
-    return 0
+    while True:
+        states = cell_states(study)
+        report = summary(study, states)
+        if args.watch is not None and sys.stdout.isatty():
+            print("\033[2J\033[H", end="")  # clear the screen: each refresh replaces the last
+        if args.format == "json":
+            print(json.dumps(report, indent=2))
+        else:
+            _print_status(study, states, report)
+        if args.watch is None or not any(report["by_state"].get(state) for state in LIVE):
+            return 0
+        sys.stdout.flush()
+        time.sleep(args.watch)
 
 
 def cancel_command(args: argparse.Namespace) -> int:
+    """Cancel the queued and running cells chosen by the overrides, through the launcher each
+    was launched with."""
     study = plan(args.overrides)
-    return _launcher(study).cancel(study, study.cells)
+    states = cell_states(study)
+    by_launcher: dict[str, list[Cell]] = {}
+    for cell in study.cells:
+        if states[cell.id]["state"] in LIVE:
+            by_launcher.setdefault(states[cell.id].get("launcher", "local"), []).append(cell)
+    if not by_launcher:
+        print(f"study {study.name}: nothing to cancel (no queued or running cell)")
+        return 0
+    return max(_launcher(name).cancel(study, chosen) for name, chosen in by_launcher.items())

@@ -1,0 +1,211 @@
+"""Evaluation conditions on a small CNN trained on scikit-learn's digits at 32x32: clean accuracy,
+AutoAttack exactly as pyautoattack computes it (also after a resume), common corruptions."""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import re
+import warnings
+
+import numpy as np
+import pyautoattack
+import pytest
+import torch
+import torch.nn.functional as F
+from pyautoattack.state import EvaluationState
+from sklearn.datasets import load_digits
+from torch import nn
+
+from benchmark.errors import RFTBenchError
+from benchmark.evaluate import corrupt_images, evaluate
+from benchmark.study import load_option
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)  # imagecorruptions' pkg_resources warning
+    from imagecorruptions import corrupt
+
+N_TEST = 32
+# APGD-CE alone (pyautoattack's custom version: 5 restarts) keeps these tests fast; the standard
+# version runs in the slow test below.
+APGD_CE = {"kind": "autoattack", "norm": "Linf", "eps": 8 / 255, "version": "custom", "attacks": ["apgd-ce"], "seed": 0}
+COMMON = load_option("eval", "common")["common"]
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """All 1,797 digits as 3x32x32 images in [0, 1] (the corruptions need at least 32 px)."""
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16
+    x = F.interpolate(x, size=32, mode="bilinear").expand(-1, 3, -1, -1).contiguous()
+    return x, torch.tensor(data.target)
+
+
+@pytest.fixture(scope="module")
+def model(digits) -> nn.Module:
+    """A small CNN trained for a few steps on all but the first 200 digits (~80% accuracy)."""
+    x, y = digits[0][200:], digits[1][200:]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        idx = torch.randint(0, len(x), (128,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(net(x[idx]), y[idx]).backward()
+        optimizer.step()
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def test_split(digits) -> tuple[torch.Tensor, torch.Tensor]:
+    return digits[0][:N_TEST], digits[1][:N_TEST]
+
+
+def _direct_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).numpy()
+
+
+@pytest.fixture(scope="module")
+def fresh(model, test_split, tmp_path_factory):
+    """One AutoAttack (APGD-CE) evaluation from scratch, and its work directory."""
+    work_dir = tmp_path_factory.mktemp("fresh")
+    (measurement,) = evaluate(model, *test_split, {"linf": APGD_CE}, work_dir, batch_size=20)
+    return measurement, work_dir
+
+
+def test_clean_accuracy_is_the_argmax_accuracy(model, digits, tmp_path):
+    x, y = digits[0][:120], digits[1][:120]
+    model.train()
+    model[0].eval()
+    (m,) = evaluate(model, x, y, {"clean": {"kind": "clean"}}, tmp_path, batch_size=50)  # 3 batches, one short
+    assert [sub.training for sub in model.modules()] == [True, False] + [True] * 6  # flags restored
+    model.eval()
+    expected = _direct_correct(model, x, y)
+    assert m.correct.dtype == bool and np.array_equal(m.correct, expected)
+    assert (m.condition, m.n_examples, m.n_correct) == ("clean", 120, expected.sum())
+    assert 0.5 < m.n_correct / m.n_examples < 1  # a non-trivial model
+    assert (m.norm, m.epsilon, m.eps_grid, m.attack, m.attack_version) == (None,) * 5
+    assert m.seconds > 0
+
+
+def test_autoattack_equals_pyautoattack_called_directly(model, test_split, fresh):
+    m, work_dir = fresh
+    x, y = test_split
+    adversary = pyautoattack.AutoAttack(model, norm="Linf", eps=APGD_CE["eps"], version="custom",
+                                        attacks=["apgd-ce"], device="cpu", seed=0)
+    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=20)
+    expected = _direct_correct(model, x_adv, y)
+    assert np.array_equal(m.correct, expected)
+    assert 0 < m.n_correct < _direct_correct(model, x, y).sum()  # the attack fools some, not all
+    assert (m.n_examples, m.norm, m.epsilon) == (N_TEST, "Linf", APGD_CE["eps"])
+    assert (m.attack, m.attack_version) == ("autoattack-custom(apgd-ce)", pyautoattack.__version__)
+    state = json.loads((work_dir / "aa_state" / "linf.json").read_text())
+    assert state["_robust_flags"] == expected.tolist() and state["_run_attacks"] == ["apgd-ce"]
+
+
+def test_second_evaluation_resumes_from_the_finished_state(model, test_split, fresh, caplog):
+    m, work_dir = fresh
+    with caplog.at_level(logging.INFO, logger="benchmark.evaluate"):
+        (again,) = evaluate(model, *test_split, {"linf": APGD_CE}, work_dir, batch_size=20)
+    assert "attacks left: none" in caplog.text  # nothing was attacked again
+    assert np.array_equal(again.correct, m.correct) and again.n_examples == N_TEST
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_result(model, test_split, fresh, tmp_path):
+    """The state as pyautoattack leaves it when stopped right after its clean pass."""
+    x, y = test_split
+    path = tmp_path / "aa_state" / "linf.json"
+    path.parent.mkdir()
+    clean = torch.from_numpy(_direct_correct(model, x, y))
+    state = EvaluationState({"apgd-ce"}, path=path)
+    state.robust_flags = clean
+    state.clean_accuracy = int(clean.sum()) / N_TEST
+    (resumed,) = evaluate(model, x, y, {"linf": APGD_CE}, tmp_path, batch_size=20)
+    assert np.array_equal(resumed.correct, fresh[0].correct)
+    saved = json.loads(path.read_text())
+    assert saved["_robust_flags"] == resumed.correct.tolist() and saved["_run_attacks"] == ["apgd-ce"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["linf.json"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "another model"])
+def test_a_state_that_does_not_fit_is_ignored(model, test_split, fresh, tmp_path, damage):
+    path = tmp_path / "aa_state" / "linf.json"
+    path.parent.mkdir()
+    saved = json.loads((fresh[1] / "aa_state" / "linf.json").read_text())
+    if damage == "truncated":
+        path.write_text(json.dumps(saved)[:50])
+    else:  # an evaluation of a model with other clean predictions
+        path.write_text(json.dumps({**saved, "_clean_accuracy": 0.5, "_robust_flags": [True] * N_TEST}))
+    (m,) = evaluate(model, *test_split, {"linf": APGD_CE}, tmp_path, batch_size=20)
+    assert np.array_equal(m.correct, fresh[0].correct)
+
+
+@pytest.mark.slow
+def test_standard_autoattack_equals_pyautoattack_and_resumes(model, digits, tmp_path):
+    """The study's standard version (APGD-CE, APGD-T, FAB-T, Square) at the study's L2 budget."""
+    x, y = digits[0][:16], digits[1][:16]
+    cfg = {**load_option("eval", "l2")["l2"], "eps": 1.0}  # 2.0 fools every digit; 1.0 leaves some
+    (m,) = evaluate(model, x, y, {"l2": cfg}, tmp_path, batch_size=250)
+    adversary = pyautoattack.AutoAttack(model, norm="L2", eps=1.0, version="standard", device="cpu", seed=0)
+    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=250)
+    assert np.array_equal(m.correct, _direct_correct(model, x_adv, y))
+    assert 0 < m.n_correct and m.attack == "autoattack-standard"
+    (again,) = evaluate(model, x, y, {"l2": cfg}, tmp_path, batch_size=250)
+    assert np.array_equal(again.correct, m.correct)
+
+
+def test_corruptions_follow_the_documented_mapping_and_seeds(digits):
+    x = digits[0][:25]
+    before = np.random.get_state()
+    corrupted = corrupt_images(x, 100, COMMON["corruptions"], 3, seed=7)
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), before))  # global RNG restored
+    assert corrupted.shape == x.shape and corrupted.dtype == torch.float32
+    assert corrupted.min() >= 0 and corrupted.max() <= 1
+    images = (x.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+    used = set()
+    for offset, image in enumerate(images):
+        i = 100 + offset
+        name = COMMON["corruptions"][i % 11]
+        np.random.seed(7 * 1_000_003 + i)
+        expected = corrupt(image, corruption_name=name, severity=3)
+        assert np.array_equal((corrupted[offset].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy(), expected), name
+        used.add(name)
+    assert used == set(COMMON["corruptions"]) and len(used) == 11
+    np.random.set_state(before)
+
+
+def test_corruptions_keep_the_size_of_224px_images():
+    x = torch.rand(11, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    corrupted = corrupt_images(x, 0, COMMON["corruptions"], 3, seed=0)
+    assert corrupted.shape == x.shape and corrupted.min() >= 0 and corrupted.max() <= 1
+    assert all(not torch.equal(a, b) for a, b in zip(corrupted, x))  # every corruption changed its image
+
+
+def test_corruption_condition_is_deterministic_and_independent_of_batching(model, digits, tmp_path):
+    x, y = digits[0][:60], digits[1][:60]
+    first, second = (evaluate(model, x, y, {"common": COMMON}, tmp_path, batch_size=size)[0] for size in (25, 60))
+    assert np.array_equal(first.correct, second.correct)
+    expected = _direct_correct(model, corrupt_images(x, 0, COMMON["corruptions"], 3, COMMON["seed"]), y)
+    assert np.array_equal(first.correct, expected)
+    assert first.n_examples == 60 and 0 < first.n_correct < 60
+    assert (first.attack, first.attack_version) == ("corruptions-severity3", importlib.metadata.version("imagecorruptions"))
+
+
+def test_conditions_come_back_in_the_config_order(model, test_split, tmp_path):
+    cfg = {"common": COMMON, "clean": {"kind": "clean"}}
+    assert [m.condition for m in evaluate(model, *test_split, cfg, tmp_path)] == ["common", "clean"]
+
+
+@pytest.mark.parametrize(("cfg", "message"), [
+    ({"c": {"kind": "clean"}, "x": {"kind": "autoatack"}}, "unknown eval kind (condition x) 'autoatack'"),
+    ({"x": {**APGD_CE, "norm": "Linf2"}}, "unknown AutoAttack norm (condition x) 'Linf2'"),
+    ({"x": {**APGD_CE, "version": "standard"}}, "AutoAttack takes a list of `attacks` with version custom"),
+    ({"x": {**COMMON, "corruptions": ["fogg"]}}, "unknown corruption 'fogg'; valid choices (closest first): fog"),
+    ({"x": {**COMMON, "severity": 6}}, "corruption severity must be an integer from 1 to 5, got 6"),
+])
+def test_bad_conditions_are_refused(model, test_split, tmp_path, cfg, message):
+    with pytest.raises(RFTBenchError, match=re.escape(message)):
+        evaluate(model, *test_split, cfg, tmp_path)
