@@ -218,4 +218,7 @@ def save(fig: Figure, directory: Path, name: str) -> list[Path]:
     paths = [directory / f"{name}.{fmt}" for fmt in FORMATS]
     for path in paths:
         fig.savefig(path, dpi=DPI)
+        # The first save solved the layout (in inches, so valid for every format): keep it, rather
+        # than solve it again, the slowest part of drawing.
+        fig.set_layout_engine("none")
     return paths

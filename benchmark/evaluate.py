@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pyautoattack
+import skimage.util
 import torch
 from pyautoattack.state import EvaluationState
 from torch import Tensor, nn
@@ -161,20 +162,25 @@ def _run_autoattack(ctx: Context, cfg: dict[str, Any], x: Tensor, y: Tensor, pat
 
 
 def _resume_autoattack(ctx: Context, cfg: dict[str, Any], state: EvaluationState, path: Path) -> Tensor:
-    """Finish an interrupted run: the attacks not done yet, on the examples still robust."""
-    remaining = [a for a in _new_autoattack(ctx, cfg).attacks_to_run if a not in state.run_attacks]
+    """Finish an interrupted run: the attacks not done yet, on the examples still robust; then
+    save the state of a finished run in its place."""
+    attacks = _new_autoattack(ctx, cfg).attacks_to_run
+    remaining = [a for a in attacks if a not in state.run_attacks]
     robust = state.robust_flags.clone()
     still = robust.nonzero().squeeze(1)
     log.info("%s: resuming AutoAttack from %s: %d robust examples, attacks left: %s",
              ctx.condition, path, len(still), ", ".join(remaining) or "none")
-    if remaining and len(still):
+    if not remaining:
+        return robust
+    if len(still):
         part = path.with_suffix(".resume.json")
         robust[still] = _run_autoattack(ctx, cfg, ctx.x[still], ctx.y[still], part, attacks=remaining)
-        state.robust_flags = robust  # the setter saves the state
         part.unlink()
-    for attack in remaining:
-        state.add_run_attack(attack)
-    state.to_disk(force=True)
+    finished = EvaluationState(set(attacks), path=path)  # a loaded state cannot record attacks
+    finished.robust_flags, finished.clean_accuracy = robust, state.clean_accuracy
+    for attack in attacks:
+        finished.add_run_attack(attack)
+    finished.to_disk(force=True)
     return robust
 
 
@@ -223,7 +229,8 @@ def corrupt_images(x: Tensor, first_index: int, names: list[str], severity: int,
     batching. Images go through uint8 HWC (imagecorruptions' format; at least 32x32 pixels).
 
     imagecorruptions draws from numpy's global RNG, so it is seeded per image with
-    seed * 1_000_003 + i; the caller's global numpy RNG state is restored afterwards.
+    seed * 1_000_003 + i; the caller's global numpy RNG state is restored afterwards. Its
+    impulse_noise is the exception: see `_impulse_noise`.
     """
     corrupt = _imagecorruptions(names, severity)
     images = (x.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
@@ -232,14 +239,27 @@ def corrupt_images(x: Tensor, first_index: int, names: list[str], severity: int,
         out = []
         for offset, image in enumerate(images):
             i = first_index + offset
-            np.random.seed((seed * 1_000_003 + i) % 2**32)
-            corrupted = corrupt(image, corruption_name=names[i % len(names)], severity=severity)
+            name, image_seed = names[i % len(names)], (seed * 1_000_003 + i) % 2**32
+            np.random.seed(image_seed)
+            if name == "impulse_noise":
+                corrupted = _impulse_noise(image, severity, image_seed)
+            else:
+                corrupted = corrupt(image, corruption_name=name, severity=severity)
             if corrupted.shape != image.shape:  # not seen at 32-384 px for any severity
-                raise RuntimeError(f"{names[i % len(names)]} changed an image's shape {image.shape} -> {corrupted.shape}")
+                raise RuntimeError(f"{name} changed an image's shape {image.shape} -> {corrupted.shape}")
             out.append(corrupted)
     finally:
         np.random.set_state(rng_state)
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float().div(255)
+
+
+def _impulse_noise(image: np.ndarray, severity: int, seed: int) -> np.ndarray:
+    """imagecorruptions' impulse_noise with a seeded generator. The package calls scikit-image's
+    `random_noise` without one, which then draws from a fresh, OS-seeded generator (numpy's
+    global seed does not reach it): the corrupted images would differ on every run."""
+    amount = (0.03, 0.06, 0.09, 0.17, 0.27)[severity - 1]  # the package's table
+    noisy = skimage.util.random_noise(image / 255.0, mode="s&p", amount=amount, rng=seed)
+    return np.uint8(np.clip(noisy, 0, 1) * 255)  # the package's conversion (truncating)
 
 
 def _imagecorruptions(names: list[str], severity: int) -> Callable[..., np.ndarray]:

@@ -297,5 +297,6 @@ def _download(model_cfg: dict[str, Any], path: Path) -> None:
 
 
 def _save_checkpoint(model: nn.Module, path: Path) -> None:
-    state = {key: value.contiguous() for key, value in model.state_dict().items()}
+    # Copies: safetensors refuses tensors that share memory, and some models tie weights (CoaT).
+    state = {key: value.detach().clone().contiguous() for key, value in model.state_dict().items()}
     write_atomic(path, lambda tmp: safetensors.torch.save_file(state, str(tmp)))

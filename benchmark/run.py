@@ -108,6 +108,7 @@ def _train_and_evaluate(cell_dir: Path, document: dict, runtime: Runtime, starte
                                      batch_size=runtime.eval_batch_size)
     state = cells.read_state(cell_dir)
     common = {
+        "schema_version": results.SCHEMA_VERSION,
         "study": document["study"], "cell_id": document["cell_id"], "seed": config["seed"],
         **{axis: config[axis]["name"] for axis in cells.AXES},
         "attempt": state.get("attempt", 1), "requeues": state.get("requeues", 0),

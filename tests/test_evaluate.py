@@ -50,8 +50,8 @@ def model(digits) -> nn.Module:
                         nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(150):
-        idx = torch.randint(0, len(x), (128,), generator=generator)
+    for _ in range(100):
+        idx = torch.randint(0, len(x), (64,), generator=generator)
         optimizer.zero_grad()
         F.cross_entropy(net(x[idx]), y[idx]).backward()
         optimizer.step()

@@ -1,0 +1,199 @@
+"""Sweep state without a cluster: how a cell's files and sacct's record of its job reconcile into
+the state `status` shows, the status report, the launch guard around cells a worker is writing,
+resource shapes, the requeue bound, and the error when SLURM is not there at all.
+
+The SLURM tests (tests/test_slurm.py) run the same paths against the real local cluster."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmark import cell as cells
+from benchmark.cli import main
+from benchmark.study import plan
+from benchmark.sweep import HEARTBEAT_FILE, STALE_HEARTBEAT_S, cell_states, reconcile
+from launchers.slurm import CellJob, RequeueLimitError, outcome, shapes
+
+TWO_CELLS = ["study=demo", "model=test_resnet.demo", "protocol=fft5"]
+
+
+def _job(state: str, exit_code: str = "0:0", elapsed: str = "00:01:02") -> dict[str, str]:
+    """A job as sacct describes it (the fields `job_states` asks for)."""
+    return {"JobID": "7_1", "State": state, "ExitCode": exit_code, "Reason": "None", "Elapsed": elapsed}
+
+
+@pytest.mark.parametrize(("file_state", "sacct_state", "exit_code", "shown", "reason_has"), [
+    ("submitted", "PENDING", "0:0", "queued", None),
+    ("submitted", "RUNNING", "0:0", "running", None),  # the worker has not written yet
+    ("running", "RUNNING", "0:0", "running", None),
+    ("requeued", "PENDING", "0:0", "queued", None),
+    ("running", "PENDING", "0:0", "queued", None),  # requeued by SLURM itself
+    ("running", "FAILED", "0:9", "failed", "killed by signal 9"),
+    ("running", "CANCELLED by 0", "0:15", "failed", "it was cancelled"),
+    ("running", "TIMEOUT", "0:0", "failed", "time limit"),
+    ("running", "OUT_OF_MEMORY", "0:125", "failed", "out of memory"),
+    ("running", "NODE_FAIL", "0:0", "failed", "node failed"),
+    ("submitted", "CANCELLED by 0", "0:0", "failed", "it was cancelled"),
+    ("running", "COMPLETED", "0:0", "failed", "without the cell writing its rows"),
+])
+def test_an_active_cell_takes_the_state_of_its_job(file_state, sacct_state, exit_code, shown, reason_has):
+    record = {"state": file_state, "job_id": "7_1", "launcher": "slurm"}
+    result = reconcile(record, _job(sacct_state, exit_code), heartbeat_age=None)
+    assert result["state"] == shown
+    if reason_has is None:
+        assert "reason" not in result
+    else:
+        assert reason_has in result["reason"] and "SLURM job 7_1" in result["reason"]
+        assert sacct_state.split()[0] in result["reason"]
+
+
+def test_what_the_worker_recorded_outranks_the_scheduler():
+    failed = {"state": "failed", "job_id": "7_1", "reason": "NonFiniteLossError: ...", "traceback": "Traceback ..."}
+    assert reconcile(failed, _job("RUNNING"), heartbeat_age=None) == failed  # sacct lags the worker
+    done = {"state": "done", "job_id": "7_1"}
+    assert reconcile(done, _job("FAILED", "1:0"), heartbeat_age=None) == done
+    # A job sacct does not know yet (it lags sbatch by about a second) is queued.
+    assert reconcile({"state": "submitted", "job_id": "7_1"}, None, heartbeat_age=None)["state"] == "queued"
+
+
+def test_a_running_cell_without_a_job_is_dead_once_its_heartbeat_is_stale():
+    record = {"state": "running", "host": "node3", "pid": 4242}
+    assert reconcile(record, None, heartbeat_age=5.0)["state"] == "running"
+    assert reconcile(record, None, heartbeat_age=None)["state"] == "running"  # just started
+    dead = reconcile(record, None, heartbeat_age=STALE_HEARTBEAT_S + 60)
+    assert dead["state"] == "failed"
+    assert "node3" in dead["reason"] and "4242" in dead["reason"] and "no heartbeat" in dead["reason"]
+
+
+def test_outcome_reads_exit_codes_and_signals():
+    assert outcome("9", _job("FAILED", "1:0"))[1] == "SLURM job 9: it failed (FAILED, exit code 1, after 00:01:02)"
+    assert outcome("9", _job("FAILED", "0:9"))[1].endswith("(FAILED, killed by signal 9, after 00:01:02)")
+    assert outcome("9", _job("SOMETHING_NEW"))[0] == "failed"  # an unknown end is still an end
+
+
+def _study_with_states(roots: dict[str, Path], overrides: list[str]):
+    """The study of `overrides` with its cells' directories, as a worker would leave them."""
+    study = plan(overrides)
+    for cell in study.cells:
+        cells.write_config(cell, cell.directory(study.dir), study.name)
+    return study, [c.directory(study.dir) for c in study.cells]
+
+
+def _age(path: Path, seconds: float) -> None:
+    past = time.time() - seconds
+    os.utime(path, (past, past))
+
+
+def test_status_counts_states_and_shows_failed_cells_with_reason_traceback_and_log(roots, capsys):
+    study, dirs = _study_with_states(roots, ["study=demo", "model=test_resnet.demo"])  # 6 cells
+    (dirs[0] / cells.ROWS_FILE).write_bytes(b"")  # done: its rows exist
+    cells.write_state(dirs[1], "running")
+    cells.write_state(dirs[1], "failed", reason="NonFiniteLossError: the loss is not finite",
+                      traceback="Traceback (most recent call last):\n  ...\nNonFiniteLossError: the loss is not finite")
+    (dirs[1] / cells.LOG_FILE).write_text("".join(f"log line {i}\n" for i in range(20)))
+    cells.write_state(dirs[2], "running", host="node3", pid=4242)  # died silently, long ago
+    (dirs[2] / HEARTBEAT_FILE).touch()
+    _age(dirs[2] / HEARTBEAT_FILE, STALE_HEARTBEAT_S + 60)
+    cells.write_state(dirs[3], "running", host="node4", pid=99)  # alive
+    (dirs[3] / HEARTBEAT_FILE).touch()
+
+    assert main(["status", "study=demo", "model=test_resnet.demo", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total"] == 6
+    assert report["by_state"] == {"done": 1, "failed": 2, "running": 1, "pending": 2}
+    entries = {e["cell_id"]: e for e in report["cells"]}
+    failed = entries[study.cells[1].id]
+    assert failed["reason"].startswith("NonFiniteLossError") and failed["traceback"].startswith("Traceback")
+    assert "no heartbeat" in entries[study.cells[2].id]["reason"]
+    assert set(entries[study.cells[4].id]) == {"cell_id", "dataset", "model", "loss", "protocol", "state"}
+
+    assert main(["status", "study=demo", "model=test_resnet.demo"]) == 0
+    text = capsys.readouterr().out
+    assert "done 1, failed 2, pending 2, running 1" in text
+    assert f"{study.cells[1].slug} ({study.cells[1].id})" in text
+    assert "reason: NonFiniteLossError: the loss is not finite" in text
+    assert "log line 19" in text and "log line 14" not in text  # the last lines of its log
+    assert "rftbench resume study=demo launcher=local" in text
+
+
+def test_launch_and_resume_never_touch_a_cell_a_worker_is_writing(roots, capsys):
+    study, (done_dir, busy_dir) = _study_with_states(roots, TWO_CELLS)
+    (done_dir / cells.ROWS_FILE).write_bytes(b"")
+    cells.write_state(busy_dir, "running", host="elsewhere", pid=1)
+    (busy_dir / HEARTBEAT_FILE).touch()
+    before = {p.name: p.read_bytes() for p in busy_dir.iterdir()}
+    for command in ("launch", "resume"):
+        assert main([command, *TWO_CELLS]) == 0
+        assert "nothing to launch" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in busy_dir.iterdir()} == before
+    # Its worker stops beating: now it is failed, and resume would take it.
+    _age(busy_dir / HEARTBEAT_FILE, STALE_HEARTBEAT_S + 1)
+    assert cell_states(study)[study.cells[1].id]["state"] == "failed"
+
+
+def test_status_watch_refreshes_until_nothing_is_live(roots, capsys):
+    study, (first, second) = _study_with_states(roots, TWO_CELLS)
+    (first / cells.ROWS_FILE).write_bytes(b"")
+    cells.write_state(second, "running", host="here", pid=1)
+    (second / HEARTBEAT_FILE).touch()
+    finisher = threading.Timer(0.5, lambda: (second / cells.ROWS_FILE).write_bytes(b""))
+    finisher.start()
+    assert main(["status", *TWO_CELLS, "--watch", "0.2"]) == 0
+    finisher.join()
+    out = capsys.readouterr().out
+    assert "done 1, running 1" in out and out.rstrip().endswith("done 2")
+
+
+def test_cancel_with_nothing_queued_or_running(roots, capsys):
+    _study_with_states(roots, TWO_CELLS)
+    assert main(["cancel", *TWO_CELLS]) == 0
+    assert "nothing to cancel" in capsys.readouterr().out
+
+
+def test_paper_cells_group_into_few_resource_shapes():
+    study = plan(["study=paper", "launcher=slurm"])
+    groups = list(shapes(study.config["launcher"], study.cells).values())
+    assert sum(len(group) for _, group in groups) == 1440
+    assert len(groups) == 9  # 3 protocols x 3 model sizes
+    for shape, group in groups:
+        assert len({(c.protocol, c.config["model"]["size"]) for c in group}) == 1
+        assert shape["gpus_per_node"] == 1 and shape["cpus_per_task"] == 8
+        assert shape["time"] == {"fft50": 1440, "fft5": 240, "lp50": 480}[group[0].protocol]
+        assert shape["mem"] == {"small": "16G", "medium": "32G", "large": "64G"}[group[0].config["model"]["size"]]
+        assert "partition" not in shape  # unset options are left to the cluster's defaults
+
+
+def test_a_model_of_its_own_gets_its_own_shape_and_options_reach_every_shape():
+    overrides = ["study=paper", "launcher=slurm", "launcher.partition=gpu",
+                 "+launcher.resources.model.robust_resnet50.gpus_per_node=2"]
+    study = plan(overrides)
+    groups = list(shapes(study.config["launcher"], study.cells).values())
+    assert len(groups) == 12  # robust_resnet50 (large) leaves each of the 3 large shapes
+    for shape, group in groups:
+        assert shape["partition"] == "gpu"
+        assert shape["gpus_per_node"] == (2 if group[0].model == "robust_resnet50" else 1)
+
+
+def test_requeues_are_counted_and_bounded(tmp_path):
+    job = CellJob({"paths": {}, "runtime": {}}, max_requeues=2)
+    cells.write_state(tmp_path, "running", launcher="slurm", job_id="7_1", log="x.err", requeues=1)
+    resubmission = job.checkpoint(tmp_path)
+    assert resubmission.function is job and resubmission.args == (tmp_path,)
+    state = cells.read_state(tmp_path)
+    assert state["state"] == "requeued" and state["requeues"] == 2 and state["job_id"] == "7_1"
+    cells.write_state(tmp_path, "running", launcher="slurm", job_id="7_1", requeues=2)
+    with pytest.raises(RequeueLimitError, match="after 2 requeues"):
+        job.checkpoint(tmp_path)
+
+
+def test_slurm_launch_without_slurm_is_a_clear_error_and_writes_nothing(roots, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
+    assert main(["launch", "study=demo", "launcher=slurm"]) == 2
+    err = capsys.readouterr().err
+    assert "launcher=slurm needs the SLURM commands" in err and "sbatch" in err and "launcher=local" in err
+    assert not any(roots["results"].iterdir())
