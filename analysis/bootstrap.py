@@ -8,15 +8,18 @@ interval combines independent resamples of its cells, one per dataset.
 """
 from __future__ import annotations
 
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.data import CELL, CONDITIONS, CONFIGURATION, AnalysisWarning, ordered
 from benchmark.cell import EXAMPLES_FILE
-from analysis.data import CELL, CONDITIONS, CONFIGURATION, ordered
+from benchmark.collect import CELLS_DIR
 
 N_RESAMPLES = 1000
 LEVEL = 0.95
@@ -31,10 +34,17 @@ def replicates(long: pd.DataFrame, study_dir: Path, n_resamples: int = N_RESAMPL
     out: dict[tuple[str, ...], list[pd.DataFrame]] = {}
     ids = long[[*CELL, "cell_id"]].drop_duplicates("cell_id")
     for row in ids.itertuples(index=False):
-        path = study_dir / "cells" / row.cell_id / EXAMPLES_FILE
-        if path.exists():
-            key = tuple(getattr(row, axis) for axis in CELL)
-            out.setdefault(key, []).append(_resample(pq.read_table(path).to_pandas(), row.cell_id, n_resamples, seed))
+        path = study_dir / CELLS_DIR / row.cell_id / EXAMPLES_FILE
+        if not path.exists():
+            continue
+        try:
+            examples = pq.read_table(path, columns=["condition", "index", "correct"]).to_pandas()
+        except (OSError, pa.ArrowException) as err:
+            warnings.warn(AnalysisWarning(f"{path}: unreadable per-example results, no interval for its cell ({err})"),
+                          stacklevel=2)
+            continue
+        key = tuple(getattr(row, axis) for axis in CELL)
+        out.setdefault(key, []).append(_resample(examples, row.cell_id, n_resamples, seed))
     return {key: sum(frames) / len(frames) for key, frames in out.items()}
 
 
@@ -78,4 +88,4 @@ def configuration_intervals(reps: Replicates, ranking: pd.DataFrame, datasets: l
         rows.append({"model": model, "loss": loss,
                      **dict(zip(("clean_low", "clean_high"), _interval(clean))),
                      **dict(zip(("robust_low", "robust_high"), _interval(robust)))})
-    return pd.DataFrame(rows, columns=["model", "loss", "clean_low", "clean_high", "robust_low", "robust_high"])
+    return pd.DataFrame(rows, columns=[*CONFIGURATION, "clean_low", "clean_high", "robust_low", "robust_high"])

@@ -24,6 +24,7 @@ EXTRA_MARKERS = ("D", "v", "P", "X")
 LOSS_EDGES = {"classic_at": "black", "trades": "none"}
 LOSS_COLOURS = {"classic_at": "tab:blue", "trades": "tab:orange"}
 DEGENERATE_COLOUR = "red"
+INTERVALS = ("clean_low", "clean_high", "robust_low", "robust_high")
 FORMATS = ("png", "pdf")
 DPI = 110
 
@@ -39,9 +40,10 @@ def _palette(values: list[str], name: str = "tab10") -> dict[str, object]:
     return {v: colours[i % len(colours)] for i, v in enumerate(values)}
 
 
-def scatter(ranking: pd.DataFrame, intervals: pd.DataFrame | None = None) -> Figure:
+def scatter(ranking: pd.DataFrame) -> Figure:
     """Mean clean vs mean robust accuracy, one point per configuration: marker = type, size =
-    size class, colour = pretraining, edge = loss; degenerate ones ringed in red."""
+    size class, colour = pretraining, edge = loss; degenerate ones ringed in red; bootstrap
+    intervals as error bars where the ranking has them (clean_/robust_low/high)."""
     if "mean_robust" not in ranking:
         raise Skip("a clean vs robust scatter needs a condition besides clean")
     fig = Figure(figsize=(10, 6.5), layout="constrained")
@@ -50,8 +52,8 @@ def scatter(ranking: pd.DataFrame, intervals: pd.DataFrame | None = None) -> Fig
     sizes = _mapping(levels(ranking, "size"), SIZES, (50.0,))
     colours = _palette(levels(ranking, "pretraining"))
     edges = _mapping(levels(ranking, "loss"), LOSS_EDGES, ("dimgray", "gold"))
-    if intervals is not None and not intervals.empty:
-        bars = ranking.merge(intervals, on=["model", "loss"])
+    if set(INTERVALS) <= set(ranking.columns):
+        bars = ranking.dropna(subset=list(INTERVALS))
         ax.errorbar(bars["mean_clean"], bars["mean_robust"],
                     xerr=[bars["mean_clean"] - bars["clean_low"], bars["clean_high"] - bars["mean_clean"]],
                     yerr=[bars["mean_robust"] - bars["robust_low"], bars["robust_high"] - bars["mean_robust"]],
@@ -61,7 +63,7 @@ def scatter(ranking: pd.DataFrame, intervals: pd.DataFrame | None = None) -> Fig
                    s=group["size"].map(sizes).astype(float), c=[colours[p] for p in group["pretraining"]],
                    edgecolors=[edges[loss] for loss in group["loss"]], linewidths=1.4, zorder=2, gid=POINTS)
     bad = ranking[ranking["degenerate"]]
-    ax.scatter(bad["mean_clean"], bad["mean_robust"], s=bad["size"].map(sizes).astype(float) * 3, facecolors="none",
+    ax.scatter(bad["mean_clean"], bad["mean_robust"], s=bad["size"].map(sizes).astype(float) * 3 + 60, facecolors="none",
                edgecolors=DEGENERATE_COLOUR, linewidths=1.2, zorder=3, gid="degenerate")
     robust = [c.removeprefix("mean_") for c in ranking.columns if c.startswith("mean_") and c not in ("mean_clean", "mean_robust")]
     ax.set_xlabel("mean clean accuracy over datasets")

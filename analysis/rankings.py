@@ -3,7 +3,8 @@
 Borda score of a configuration: the sum, over every dataset x condition, of its rank among all
 configurations of the protocol on that accuracy (ascending, so higher accuracy -> higher rank;
 ties take the average rank). Its maximum is n_configurations x n_datasets x n_conditions.
-`score_sum` is the sum of the same accuracies. Global rank 1 = highest Borda.
+`score_sum` is the sum of the same accuracies. Global rank 1 = highest Borda (equal Borda:
+higher score_sum first, then by name, so the ranks are a permutation).
 """
 from __future__ import annotations
 

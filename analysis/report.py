@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import bootstrap, figures, rankings, stats
-from analysis.data import CELL, AnalysisWarning, Skip, prepare, protocols
+from analysis.data import CELL, CONFIGURATION, AnalysisWarning, Skip, prepare, protocols
 from benchmark import paths, results
 
 PAPER_TABLES = ("csv", "md", "tex")  # formats of the tables the paper prints
@@ -104,19 +104,28 @@ def build(study: str, out: Path, results_root: Path | None = None, log: Callable
 def write(report: Report, long: pd.DataFrame, cells: pd.DataFrame, study_dir: Path) -> None:
     """Every table and figure, section by section (the order of the page)."""
     with report.section("Rankings") as section:
-        tables = rankings.rankings(cells)
+        reps = bootstrap.replicates(long, study_dir)
+        tables = {p: _with_intervals(t, reps, cells) for p, t in rankings.rankings(cells).items()}
         for protocol, table in tables.items():
             report.table(section, table, f"ranking_{protocol}", PAPER_TABLES)
             section.notes.append(f"{protocol}: {len(table)} configurations, Borda max {rankings.max_borda(cells, table)}, "
                                  f"{int(table['degenerate'].sum())} degenerate (clean accuracy < "
                                  f"{rankings.DEGENERATE_FACTOR:g} × chance on some dataset)")
+        n_cells = cells[list(CELL)].drop_duplicates().shape[0]
+        if reps:
+            report.table(section, bootstrap.cell_intervals(reps), "accuracy_ci")
+            section.notes.append(
+                f"{len(reps)} of {n_cells} cells have per-example results: {bootstrap.LEVEL:.0%} percentile intervals "
+                f"(accuracy_ci; clean_/robust_low/high in the rankings) from a seeded numpy bootstrap "
+                f"({bootstrap.N_RESAMPLES} resamples of each cell's test examples)")
+        else:
+            section.notes.append("no per-example results (imported results keep only accuracies): "
+                                 "accuracies are shown without confidence intervals")
     with report.section("Medals") as section:
         report.table(section, rankings.medals(tables), "medals", ("csv", "tex"))
-    with report.section("Confidence intervals") as section:
-        intervals = _intervals(report, section, long, cells, tables, study_dir)
     with report.section("Clean vs robust accuracy") as section:
         for protocol, table in tables.items():
-            report.figure(section, figures.scatter(table, intervals.get(protocol)), f"scatter_{protocol}")
+            report.figure(section, figures.scatter(table), f"scatter_{protocol}")
     with report.section("Each dataset's winner") as section:
         for protocol in tables:
             winners = rankings.winners(cells, protocol)
@@ -153,20 +162,14 @@ def write(report: Report, long: pd.DataFrame, cells: pd.DataFrame, study_dir: Pa
                                                        f"{protocol}: interactions (Tukey HSD letters)"), f"interactions_{protocol}")
 
 
-def _intervals(report: Report, section: Section, long: pd.DataFrame, cells: pd.DataFrame,
-               tables: dict[str, pd.DataFrame], study_dir: Path) -> dict[str, pd.DataFrame]:
-    """Bootstrap intervals where per-example results exist; the section says where they do not."""
-    reps = bootstrap.replicates(long, study_dir)
-    n_cells = cells[list(CELL)].drop_duplicates().shape[0]
+def _with_intervals(ranking: pd.DataFrame, reps: bootstrap.Replicates, cells: pd.DataFrame) -> pd.DataFrame:
+    """The ranking with the bootstrap intervals of its mean clean and robust accuracies (empty
+    where a configuration's cells lack per-example results; none at all without any)."""
     if not reps:
-        section.notes.append("no per-example results (imported results keep only accuracies): "
-                             "accuracies are shown without confidence intervals")
-        return {}
-    report.table(section, bootstrap.cell_intervals(reps), "accuracy_ci")
-    section.notes.append(f"{len(reps)} of {n_cells} cells have per-example results: {bootstrap.LEVEL:.0%} percentile "
-                         f"intervals from a seeded numpy bootstrap ({bootstrap.N_RESAMPLES} resamples of the test examples)")
-    datasets = {p: sorted(cells.loc[cells["protocol"] == p, "dataset"].unique()) for p in tables}
-    return {p: bootstrap.configuration_intervals(reps, t, datasets[p]) for p, t in tables.items()}
+        return ranking
+    protocol = ranking["protocol"].iloc[0]
+    datasets = sorted(cells.loc[cells["protocol"] == protocol, "dataset"].unique())
+    return ranking.merge(bootstrap.configuration_intervals(reps, ranking, datasets), on=list(CONFIGURATION), how="left")
 
 
 def render(study: str, sections: list[Section]) -> str:

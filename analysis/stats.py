@@ -145,11 +145,10 @@ def _effects(tasks: list[tuple[pd.DataFrame, list[str], str]]) -> pd.DataFrame:
 def _effect(table: pd.DataFrame, factors: list[str], protocol: str) -> list[dict]:
     """Rows of one factor (or pair of factors, crossed): per level n, mean and sd of Borda, the
     ANOVA p-value and Tukey letters."""
-    data = table.dropna(subset=factors)
-    combos = itertools.product(*(levels(data, f) for f in factors))
+    frame = table.dropna(subset=factors)
     samples = {}
-    for combo in combos:
-        values = data.loc[(data[factors] == list(combo)).all(axis=1), "borda"].to_numpy()
+    for combo in itertools.product(*(levels(frame, f) for f in factors)):
+        values = frame.loc[(frame[factors] == list(combo)).all(axis=1), "borda"].to_numpy()
         if len(values):
             samples[combo] = values
     p, letters, note = _tests({" × ".join(combo): values for combo, values in samples.items()})

@@ -16,6 +16,7 @@ import functools
 import io
 import json
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -35,7 +36,11 @@ NAME = "slurm"
 TOOLS = ("sbatch", "srun", "sacct", "scontrol", "scancel")
 SLURM_OPTIONS = ("partition", "account", "qos", "constraint")
 COMMAND_TIMEOUT_S = 60
-SACCT_FIELDS = "JobID,State,ExitCode,Reason,Elapsed"
+# `scontrol show config` answers in well under a second; without a controller it retries for a
+# minute, longer than anyone should wait for the error.
+CHECK_TIMEOUT_S = 20
+# DerivedExitCode: the worst of the job's steps; the allocation's ExitCode hides a step's signal.
+SACCT_FIELDS = "JobID,State,ExitCode,DerivedExitCode,Reason,Elapsed"
 
 # sacct states of a job that may still run the cell, and the state `status` shows for each.
 LIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued", "REQUEUE_FED": "queued",
@@ -68,9 +73,10 @@ def cluster_config() -> dict[str, str]:
     """`scontrol show config` as a dict: it answers only when the controller is reachable."""
     try:
         done = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT_S)
+                              timeout=CHECK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        raise RFTBenchError(f"no SLURM controller answered `scontrol show config` within {COMMAND_TIMEOUT_S} s") from None
+        raise RFTBenchError(f"no SLURM controller answers: `scontrol show config` gave no answer within "
+                            f"{CHECK_TIMEOUT_S} s") from None
     if done.returncode != 0:
         said = (done.stderr or done.stdout).strip() or f"exit code {done.returncode}"
         raise RFTBenchError(f"no SLURM controller answers (`scontrol show config`: {said})")
@@ -218,6 +224,31 @@ def _submit_array(folder: Path, launcher: dict[str, Any], shape: dict[str, Any],
                             f"{str(err).strip()}. None of these cells was submitted{before}.") from None
 
 
+def job_ranges(job_ids: Iterable[str]) -> list[str]:
+    """Job ids in SLURM's compact form, one word per array ("12_[0-99,120]"): scancel takes an
+    array's tasks in one request instead of one request per task."""
+    tasks: dict[str, list[int]] = {}
+    plain: set[str] = set()
+    for job_id in job_ids:
+        array, _, task = job_id.partition("_")
+        if task:
+            tasks.setdefault(array, []).append(int(task))
+        else:
+            plain.add(job_id)
+    return sorted(plain) + [f"{array}_[{_ranges(numbers)}]" for array, numbers in sorted(tasks.items())]
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    runs: list[list[int]] = []  # [first, last] of each run of consecutive numbers
+    for n in sorted(set(numbers)):
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ",".join(f"{first}-{last}" if last > first else str(first) for first, last in runs)
+
+
 def _describe(shape: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value}" for key, value in sorted(shape.items()))
 
@@ -229,7 +260,7 @@ def cancel(study: Study, todo: list[Cell]) -> int:
     states = cell_states(study, todo)
     active = [c for c in todo if states[c.id]["state"] in LIVE and states[c.id].get("job_id")]
     if active:
-        _run(["scancel", *sorted({states[c.id]["job_id"] for c in active})])
+        _run(["scancel", *job_ranges(states[c.id]["job_id"] for c in active)])
     for cell in active:
         cells.write_state(cell.directory(study.dir), "failed", **_job_details(states[cell.id]),
                           reason="cancelled by user")
@@ -264,12 +295,20 @@ def outcome(job_id: str, info: dict[str, str]) -> tuple[str, str | None]:
         return LIVE[name], None
     why = ENDED.get(name, f"it ended in state {name}")
     detail = [state]
-    exit_code = info.get("ExitCode", "0:0")
-    code, _, signal = exit_code.partition(":")
-    if signal not in ("", "0"):
-        detail.append(f"killed by signal {signal}")
+    code, _, job_signal = info.get("ExitCode", "0:0").partition(":")
+    step_signal = info.get("DerivedExitCode", "0:0").partition(":")[2]
+    number = int(job_signal or 0) or int(step_signal or 0)
+    if number:
+        detail.append(f"killed by signal {number} ({_signal_name(number)})")
     elif code not in ("", "0"):
         detail.append(f"exit code {code}")
     if info.get("Elapsed"):
         detail.append(f"after {info['Elapsed']}")
     return "failed", f"SLURM job {job_id}: {why} ({', '.join(detail)})"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"

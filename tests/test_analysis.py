@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +17,13 @@ from scipy import stats as scipy_stats
 from statsmodels.stats.multicomp import pairwise_tukeyhsd
 
 from analysis import bootstrap, data, figures, rankings, report, stats
-from analysis.data import AnalysisWarning, Skip
+from analysis.data import AnalysisWarning
 from analysis.letters import compact_letters
 from benchmark import results
 from benchmark.cell import EXAMPLES_FILE, ROWS_FILE, write_config
 from benchmark.errors import RFTBenchError
 from benchmark.results import COLUMNS, condition_columns, write_rows
-from benchmark.study import load_option, plan
+from benchmark.study import plan
 
 SYNTH = "synth"
 # Two per size class where the registry allows, mixing types and pretraining strategies.
@@ -301,6 +300,16 @@ def test_bootstrap_intervals_from_per_example_results(synth_root, synth_tables):
     assert ((conf["robust_low"] <= conf["mean_robust"] + 1e-12) & (conf["mean_robust"] <= conf["robust_high"] + 1e-12)).all()
 
 
+def test_unreadable_per_example_results_are_named_and_skipped(synth_root, tmp_path):
+    long = results.load(SYNTH, synth_root)
+    cell_id = long["cell_id"].iloc[0]
+    broken = tmp_path / "cells" / cell_id
+    broken.mkdir(parents=True)
+    (broken / EXAMPLES_FILE).write_bytes(b"not parquet")
+    with pytest.warns(AnalysisWarning, match=cell_id):
+        assert bootstrap.replicates(long, tmp_path, n_resamples=10) == {}
+
+
 # --- figures -------------------------------------------------------------------------------------
 
 def test_heatmap_labels_follow_the_matrix(synth_cells):
@@ -341,6 +350,9 @@ def test_figures_command_on_the_synthetic_study(synth_root, tmp_path, capsys):
     for protocol in ("fft50", "fft5", "lp50"):
         for ext in ("csv", "md", "tex"):
             assert (tables / f"ranking_{protocol}.{ext}").stat().st_size > 0
+        ranking = pd.read_csv(tables / f"ranking_{protocol}.csv")
+        assert ranking[list(figures.INTERVALS)].notna().all().all()  # every cell has per-example results
+        assert (ranking["clean_low"] <= ranking["mean_clean"]).all() and (ranking["mean_clean"] <= ranking["clean_high"]).all()
         corr = pd.read_csv(tables / f"spearman_{protocol}.csv", index_col=0)
         assert list(corr.columns) == list(corr.index) == list(data.CONDITIONS)
         for name in ("scatter", "radar", "spearman", "main_effects", "interactions"):
@@ -374,6 +386,7 @@ def test_figures_on_a_study_lacking_levels_skips_with_reasons(tmp_path, capsys):
     assert "size: not tested" in printed
     ranking = pd.read_csv(out / "tables" / "ranking_fft50.csv")
     assert len(ranking) == len(planned.cells) // 3
+    assert "clean_low" not in ranking  # no per-example results, no intervals
     assert "without confidence intervals" in (out / "report.html").read_text()
 
 

@@ -22,9 +22,10 @@ from launchers.slurm import CellJob, RequeueLimitError, outcome, shapes
 TWO_CELLS = ["study=demo", "model=test_resnet.demo", "protocol=fft5"]
 
 
-def _job(state: str, exit_code: str = "0:0", elapsed: str = "00:01:02") -> dict[str, str]:
+def _job(state: str, exit_code: str = "0:0", derived: str = "0:0") -> dict[str, str]:
     """A job as sacct describes it (the fields `job_states` asks for)."""
-    return {"JobID": "7_1", "State": state, "ExitCode": exit_code, "Reason": "None", "Elapsed": elapsed}
+    return {"JobID": "7_1", "State": state, "ExitCode": exit_code, "DerivedExitCode": derived,
+            "Reason": "None", "Elapsed": "00:01:02"}
 
 
 @pytest.mark.parametrize(("file_state", "sacct_state", "exit_code", "shown", "reason_has"), [
@@ -33,7 +34,7 @@ def _job(state: str, exit_code: str = "0:0", elapsed: str = "00:01:02") -> dict[
     ("running", "RUNNING", "0:0", "running", None),
     ("requeued", "PENDING", "0:0", "queued", None),
     ("running", "PENDING", "0:0", "queued", None),  # requeued by SLURM itself
-    ("running", "FAILED", "0:9", "failed", "killed by signal 9"),
+    ("running", "FAILED", "0:9", "failed", "killed by signal 9 (SIGKILL)"),
     ("running", "CANCELLED by 0", "0:15", "failed", "it was cancelled"),
     ("running", "TIMEOUT", "0:0", "failed", "time limit"),
     ("running", "OUT_OF_MEMORY", "0:125", "failed", "out of memory"),
@@ -71,8 +72,10 @@ def test_a_running_cell_without_a_job_is_dead_once_its_heartbeat_is_stale():
 
 
 def test_outcome_reads_exit_codes_and_signals():
-    assert outcome("9", _job("FAILED", "1:0"))[1] == "SLURM job 9: it failed (FAILED, exit code 1, after 00:01:02)"
-    assert outcome("9", _job("FAILED", "0:9"))[1].endswith("(FAILED, killed by signal 9, after 00:01:02)")
+    assert outcome("9", _job("FAILED", "1:0", "1:0"))[1] == "SLURM job 9: it failed (FAILED, exit code 1, after 00:01:02)"
+    # What sacct says of a job whose worker was killed with SIGKILL: srun exits 9, the step got signal 9.
+    killed = outcome("9", _job("FAILED", "9:0", "0:9"))[1]
+    assert killed.endswith("(FAILED, killed by signal 9 (SIGKILL), after 00:01:02)")
     assert outcome("9", _job("SOMETHING_NEW"))[0] == "failed"  # an unknown end is still an end
 
 
