@@ -32,7 +32,7 @@ from benchmark.study import Study, plan
 TABLE_ROWS = 40  # cells listed in the text output; --format json lists all
 LOG_LINES = 5  # lines of a failed cell's log shown by `status`
 # The file benchmark.run touches every HEARTBEAT_SECONDS (30 s) while a worker runs; a running
-# cell without a job for the scheduler to ask about is dead once it is this much older.
+# cell whose job the scheduler does not know (or that has none) is dead once it is this old.
 HEARTBEAT_FILE = "heartbeat"
 STALE_HEARTBEAT_S = 120.0
 # What a cell's file state shows while a worker may still be at it (reconciled with SLURM).
@@ -56,8 +56,8 @@ def cell_states(study: Study, subset: list[Cell] | None = None) -> dict[str, dic
 
 def reconcile(record: dict[str, Any], job: dict[str, str] | None, heartbeat_age: float | None) -> dict[str, Any]:
     """The record to show for a cell: its file `record`, corrected for an active one by what
-    sacct says of its job (`job`: State, ExitCode, ... or None when unknown) or, without a
-    job, by the age in seconds of its worker's heartbeat (None when there is none)."""
+    sacct says of its job (`job`: State, ExitCode, ... or None when sacct knows no job) or,
+    failing that, by the age in seconds of its worker's heartbeat (None when there is none)."""
     state = record["state"]
     if state not in ACTIVE:
         return record
@@ -90,7 +90,7 @@ def _job_states(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]
 
 
 def _heartbeat_age(cell_dir: Path, record: dict[str, Any], now: float) -> float | None:
-    if record["state"] != "running" or record.get("job_id"):
+    if record["state"] != "running":
         return None
     try:
         return now - (cell_dir / HEARTBEAT_FILE).stat().st_mtime

@@ -52,22 +52,25 @@ def _measure(name: str, overrides: list[str], results_root: Path) -> None:
     os.environ["RFTBENCH_RESULTS"] = str(results_root)
     study = plan(overrides)
     groups = shapes(study.config["launcher"], study.cells)
-    seconds, code, _ = _timed(["launch", *overrides])
+    launch_seconds, code, _ = _timed(["launch", *overrides])
     assert code == 0, f"launch failed ({code})"
-    array_of = {c.id: cells.read_state(c.directory(study.dir))["job_id"].split("_")[0] for c in study.cells}
-    calls_per_shape = [len({array_of[c.id] for c in group}) for _, group in groups.values()]
-    status_seconds, _, status = _timed(["status", *overrides])
-    assert f"queued {len(study.cells)}" in status, status
+    try:
+        array_of = {c.id: cells.read_state(c.directory(study.dir))["job_id"].split("_")[0] for c in study.cells}
+        calls_per_shape = [len({array_of[c.id] for c in group}) for _, group in groups.values()]
+        status_seconds, _, status = _timed(["status", *overrides])
+        assert f"queued {len(study.cells)}" in status, status
+        status_process_seconds = _process_seconds(["status", *overrides])
+    finally:  # no job is left behind, even when a measurement fails
+        cancel_seconds, code, _ = _timed(["cancel", *overrides])
+    assert code == 0, f"cancel failed ({code})"
     print(f"{name}_cells={len(study.cells)}")
     print(f"{name}_resource_shapes={len(groups)}")
     print(f"{name}_sbatch_calls={sum(calls_per_shape)}")
     print(f"{name}_max_sbatch_calls_per_shape={max(calls_per_shape)}")
     print(f"{name}_status_seconds={status_seconds:.3f}")
-    print(f"{name}_status_process_seconds={_process_seconds(['status', *overrides]):.3f}")
-    cancel_seconds, code, _ = _timed(["cancel", *overrides])
-    assert code == 0, f"cancel failed ({code})"
+    print(f"{name}_status_process_seconds={status_process_seconds:.3f}")
     print(f"{name}_cancel_seconds={cancel_seconds:.3f}")
-    print(f"{name}_launch_seconds={seconds:.3f}", flush=True)
+    print(f"{name}_launch_seconds={launch_seconds:.3f}", flush=True)
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ CHECK_TIMEOUT_S = 20
 SACCT_FIELDS = "JobID,State,ExitCode,DerivedExitCode,Reason,Elapsed"
 
 # sacct states of a job that may still run the cell, and the state `status` shows for each.
-LIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued", "REQUEUE_FED": "queued",
+JOB_ALIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued", "REQUEUE_FED": "queued",
         "RESV_DEL_HOLD": "queued", "SPECIAL_EXIT": "queued", "SUSPENDED": "queued", "STOPPED": "queued",
         "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "RESIZING": "running",
         "SIGNALING": "running", "STAGE_OUT": "running"}
@@ -271,8 +271,9 @@ def cancel(study: Study, todo: list[Cell]) -> int:
 # --- what SLURM says --------------------------------------------------------------------------
 
 def job_states(job_ids: Iterable[str]) -> dict[str, dict[str, str]] | None:
-    """sacct's record (State, ExitCode, Reason, Elapsed) of each job id, from ONE sacct call
-    for all of them; None when sacct cannot answer (no SLURM here, accounting down)."""
+    """sacct's record (the SACCT_FIELDS) of each job id, from ONE sacct call for all of them
+    (asked per array, answered per task); None when sacct cannot answer (no SLURM here,
+    accounting down)."""
     arrays = sorted({job_id.split("_")[0] for job_id in job_ids})
     if not arrays or shutil.which("sacct") is None:
         return None if arrays else {}
@@ -291,8 +292,8 @@ def outcome(job_id: str, info: dict[str, str]) -> tuple[str, str | None]:
     running or failed) and, for failed, why."""
     state = info.get("State", "UNKNOWN")
     name = state.split()[0].rstrip("+")  # "CANCELLED by 0" -> CANCELLED
-    if name in LIVE:
-        return LIVE[name], None
+    if name in JOB_ALIVE:
+        return JOB_ALIVE[name], None
     why = ENDED.get(name, f"it ended in state {name}")
     detail = [state]
     code, _, job_signal = info.get("ExitCode", "0:0").partition(":")

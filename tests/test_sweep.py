@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from benchmark import cell as cells
 from benchmark.cli import main
 from benchmark.study import plan
 from benchmark.sweep import HEARTBEAT_FILE, STALE_HEARTBEAT_S, cell_states, reconcile
-from launchers.slurm import CellJob, RequeueLimitError, outcome, shapes
+from launchers.slurm import CellJob, RequeueLimitError, job_ranges, outcome, shapes
 
 TWO_CELLS = ["study=demo", "model=test_resnet.demo", "protocol=fft5"]
 
@@ -139,16 +138,21 @@ def test_launch_and_resume_never_touch_a_cell_a_worker_is_writing(roots, capsys)
     assert cell_states(study)[study.cells[1].id]["state"] == "failed"
 
 
-def test_status_watch_refreshes_until_nothing_is_live(roots, capsys):
+def test_status_watch_refreshes_until_nothing_is_live(roots, capsys, monkeypatch):
     study, (first, second) = _study_with_states(roots, TWO_CELLS)
     (first / cells.ROWS_FILE).write_bytes(b"")
     cells.write_state(second, "running", host="here", pid=1)
     (second / HEARTBEAT_FILE).touch()
-    finisher = threading.Timer(0.5, lambda: (second / cells.ROWS_FILE).write_bytes(b""))
-    finisher.start()
-    assert main(["status", *TWO_CELLS, "--watch", "0.2"]) == 0
-    finisher.join()
+    pause = time.sleep
+
+    def worker_finishes_meanwhile(seconds: float) -> None:  # while `status --watch` waits
+        (second / cells.ROWS_FILE).write_bytes(b"")
+        pause(seconds)
+
+    monkeypatch.setattr(time, "sleep", worker_finishes_meanwhile)
+    assert main(["status", *TWO_CELLS, "--watch", "0.1"]) == 0
     out = capsys.readouterr().out
+    assert out.count("study demo: 2 cells") == 2
     assert "done 1, running 1" in out and out.rstrip().endswith("done 2")
 
 
@@ -200,3 +204,8 @@ def test_slurm_launch_without_slurm_is_a_clear_error_and_writes_nothing(roots, c
     err = capsys.readouterr().err
     assert "launcher=slurm needs the SLURM commands" in err and "sbatch" in err and "launcher=local" in err
     assert not any(roots["results"].iterdir())
+
+
+def test_job_ids_are_cancelled_in_compact_ranges():
+    ids = ["12_0", "12_1", "12_2", "12_5", "13", "14_3", "12_7", "12_6", "12_1"]
+    assert job_ranges(ids) == ["13", "12_[0-2,5-7]", "14_[3]"]
