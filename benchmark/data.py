@@ -519,22 +519,29 @@ def _checked(directory: Path, cfg: dict[str, Any], data_root: Path) -> tuple[dic
     return manifest, rows
 
 
+def require_prepared(dataset_cfg: dict[str, Any], data_root: Path) -> Path:
+    """The dataset's prepared directory; a clear error when it is unknown or, unless bundled
+    (prepared on first use), not prepared yet."""
+    name = dataset_cfg["name"]
+    if name not in options("dataset"):
+        raise unknown_choice("dataset", name, options("dataset"))
+    directory = Path(data_root) / name
+    if not (directory / MANIFEST).exists() and dataset_cfg["source_format"] not in BUNDLED:
+        where = "" if Path(data_root).is_dir() else f" (the data root {str(data_root)!r} does not exist)"
+        raise RFTBenchError(f"dataset {name!r} is not prepared: {str(directory / MANIFEST)!r} "
+                            f"not found{where}. Prepare it with: {_prepare_hint(name, data_root)}")
+    return directory
+
+
 def load_splits(dataset_cfg: dict[str, Any], data_root: Path | None = None) -> Splits:
     """The prepared dataset `dataset_cfg` (a conf/dataset option) as train/val/test Datasets.
 
     Train is augmented as the config says; val and test are not. Bundled datasets are prepared
     on first use; any other must have been prepared with `rftbench prepare-data`.
     """
-    name = dataset_cfg["name"]
-    if name not in options("dataset"):
-        raise unknown_choice("dataset", name, options("dataset"))
     data_root = Path(data_root) if data_root is not None else root("data")
-    directory = data_root / name
-    if not (directory / MANIFEST).exists():
-        if dataset_cfg["source_format"] not in BUNDLED:
-            where = "" if data_root.is_dir() else f" (the data root {str(data_root)!r} does not exist)"
-            raise RFTBenchError(f"dataset {name!r} is not prepared: {str(directory / MANIFEST)!r} "
-                                f"not found{where}. Prepare it with: {_prepare_hint(name, data_root)}")
+    directory = require_prepared(dataset_cfg, data_root)
+    if not (directory / MANIFEST).exists():  # bundled: prepared on first use
         prepare(dataset_cfg, None, data_root, replace=False)
     manifest, rows = _checked(directory, dataset_cfg, data_root)
     size, augmentation = dataset_cfg["image_size"], _augmentation(dataset_cfg.get("augment", {}))

@@ -130,15 +130,17 @@ def autoattack(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any
         robust = _run_autoattack(ctx, cfg, ctx.x, ctx.y, path)
     else:
         robust = _resume_autoattack(ctx, cfg, state, path)
-    attack = f"autoattack-{cfg['version']}" + (f"({','.join(cfg['attacks'])})" if cfg.get("attacks") else "")
-    description = {"norm": cfg["norm"], "epsilon": float(cfg["eps"]), "attack": attack,
-                   "attack_version": pyautoattack.__version__}
+    description = {**condition_columns(cfg), "epsilon": float(cfg["eps"]), "attack_version": pyautoattack.__version__}
     return robust, description
 
 
 def _new_autoattack(ctx: Context, cfg: dict[str, Any]) -> pyautoattack.AutoAttack:
     adversary = pyautoattack.AutoAttack(ctx.model, norm=cfg["norm"], eps=cfg["eps"], version=cfg["version"],
                                         attacks=cfg.get("attacks"), device=ctx.device, seed=cfg["seed"])
+    if cfg["version"] == "custom":  # a cheaper budget, e.g. for the CPU demo; standard is fixed
+        for attack in (adversary.apgd, adversary.apgd_targeted):
+            attack.n_iter = cfg.get("n_iter", attack.n_iter)
+            attack.n_restarts = cfg.get("n_restarts", attack.n_restarts)
     # Its records (debug progress, warnings of its sanity checks) go to our log, not stderr.
     adversary.logger = adversary.apgd.logger = adversary.apgd_targeted.logger = log.getChild("autoattack")
     return adversary

@@ -79,13 +79,19 @@ def weights_path(model_cfg: dict[str, Any], weights_root: Path) -> Path:
     return Path(weights_root) / model_cfg["weights"]["file"]
 
 
+def require_weights(model_cfg: dict[str, Any], weights_root: Path) -> None:
+    """Raise a clear error when the model's weights file is absent (demo weights are made)."""
+    path = weights_path(model_cfg, weights_root)
+    if model_cfg["source"] != "demo" and not path.exists():
+        raise RFTBenchError(_missing_weights_message(model_cfg, path))
+
+
 def create_model(model_cfg: dict[str, Any], num_classes: int, weights_root: Path) -> Classifier:
     """The backbone of `model_cfg` with its cached pretrained weights and a new `num_classes` head."""
     path = weights_path(model_cfg, weights_root)
+    require_weights(model_cfg, weights_root)
     if model_cfg["source"] == "demo":
         make_demo_weights(model_cfg, weights_root)
-    elif not path.exists():
-        raise RFTBenchError(_missing_weights_message(model_cfg, path))
     checkpoint = timm.models.load_state_dict(str(path))
     if model_cfg["source"] == "local":
         checkpoint = unwrap_robust_checkpoint(checkpoint)

@@ -173,7 +173,9 @@ def condition_columns(spec: dict[str, Any]) -> dict[str, Any]:
     """The norm, epsilon, eps_grid and attack columns of a condition, from its `eval` config node."""
     kind = spec["kind"]
     if kind == "autoattack":
-        attack = f"autoattack-{spec['version']}"
+        budget = "".join(f",{key}={spec[key]}" for key in ("n_iter", "n_restarts") if key in spec)
+        attacks = f"({','.join(spec['attacks'])}{budget})" if spec.get("attacks") else ""
+        attack = f"autoattack-{spec['version']}{attacks}"
     elif kind == "corruptions":
         attack = f"corruptions-severity{spec['severity']}"
     else:

@@ -196,6 +196,7 @@ def _submit(study: Study, wanted: Callable[[str], bool], wait: bool) -> int:
     """Launch the cells whose state is `wanted`; with `wait`, block until they end, then collect."""
     launcher = _launcher(study.config["launcher"]["name"])
     launcher.check(study)  # a clear error before anything is written
+    _check_inputs(study)
     with _launch_lock(study):
         states = cell_states(study)
         todo = [c for c in study.cells if wanted(states[c.id]["state"])]
@@ -209,6 +210,17 @@ def _submit(study: Study, wanted: Callable[[str], bool], wait: bool) -> int:
         code = max(code, wait_for(study, todo, study.config["launcher"].get("poll_seconds", 10)))
         _collect(study)
     return code
+
+
+def _check_inputs(study: Study) -> None:
+    """Every dataset prepared and every weights file present, before any cell is launched."""
+    from benchmark import data, models  # torch: only when something is launched
+
+    runtime = study.config["paths"]
+    for config in {c.dataset: c.config["dataset"] for c in study.cells}.values():
+        data.require_prepared(config, Path(runtime["data"]))
+    for config in {c.model: c.config["model"] for c in study.cells}.values():
+        models.require_weights(config, Path(runtime["weights"]))
 
 
 def wait_for(study: Study, todo: list[Cell], poll_seconds: float) -> int:

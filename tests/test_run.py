@@ -25,7 +25,7 @@ def test_demo_cell_trains_evaluates_and_writes_five_rows(roots, capsys):
     cell_dir = _cell_dir(ONE_CELL)
     table = results.read_rows(cell_dir / cells.ROWS_FILE).to_pandas()
     assert list(table.condition) == ["clean", "linf", "l2", "l1", "common"]
-    assert (table.n_examples == 200).all()
+    assert (table.n_examples == 100).all()
     assert table.accuracy.between(0, 1).all()
     clean = table.set_index("condition").accuracy
     assert clean["clean"] > 0.5  # pretrained and fine-tuned: far above chance (0.1)

@@ -209,3 +209,16 @@ def test_slurm_launch_without_slurm_is_a_clear_error_and_writes_nothing(roots, c
 def test_job_ids_are_cancelled_in_compact_ranges():
     ids = ["12_0", "12_1", "12_2", "12_5", "13", "14_3", "12_7", "12_6", "12_1"]
     assert job_ranges(ids) == ["13", "12_[0-2,5-7]", "14_[3]"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model=deit_tiny_patch16_224.fb_in1k", "rftbench fetch-weights study=paper model=deit_tiny_patch16_224.fb_in1k"),
+        ("dataset=flowers102", "rftbench prepare-data dataset=flowers102"),
+    ],
+)
+def test_launch_refuses_missing_inputs_before_writing_anything(roots, capsys, override, message):
+    assert main(["launch", "study=demo", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(roots["results"].rglob("*"))
