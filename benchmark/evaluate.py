@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from benchmark.attacks import eval_mode
 from benchmark.errors import RFTBenchError, unknown_choice
+from benchmark.results import condition_columns
 
 log = logging.getLogger(__name__)
 

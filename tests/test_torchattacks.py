@@ -1,0 +1,62 @@
+"""Our AutoAttack (pyautoattack, standard version) against an independent implementation,
+torchattacks' AutoAttack: on the same small model and images the robust accuracies agree
+within one example, in L-inf and L2. (torchattacks is a test-only dependency.)"""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+
+from benchmark.evaluate import evaluate
+from benchmark.models import Classifier
+
+torchattacks = pytest.importorskip("torchattacks", reason="torchattacks (a test-only dependency) is not installed")
+
+N_TEST, SIZE = 64, 16
+# Budgets at which the briefly trained model is neither fully robust nor fully broken, so the
+# comparison counts real attack successes.
+BUDGETS = [("Linf", 2 / 255), ("L2", 0.15)]
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16
+    x = F.interpolate(x, size=SIZE, mode="bilinear").expand(-1, 3, -1, -1).contiguous()
+    return x, torch.tensor(data.target)
+
+
+@pytest.fixture(scope="module")
+def model(digits) -> nn.Module:
+    """timm's test_resnet trained briefly on all but the first N_TEST digits."""
+    x, y = digits[0][N_TEST:], digits[1][N_TEST:]
+    torch.manual_seed(0)
+    net = Classifier(timm.create_model("test_resnet", pretrained=False, num_classes=10), [0.5] * 3, [0.5] * 3)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    net.train()
+    for _ in range(150):
+        idx = torch.randint(0, len(x), (64,), generator=generator)
+        optimizer.zero_grad()
+        F.cross_entropy(net(x[idx]), y[idx]).backward()
+        optimizer.step()
+    return net.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("norm", "eps"), BUDGETS)
+def test_standard_autoattack_agrees_with_torchattacks(model, digits, norm, eps, tmp_path):
+    x, y = digits[0][:N_TEST], digits[1][:N_TEST]
+    cfg = {"kind": "autoattack", "norm": norm, "eps": eps, "version": "standard", "seed": 0}
+    (ours,) = evaluate(model, x, y, {norm: cfg}, tmp_path, batch_size=N_TEST)
+
+    attack = torchattacks.AutoAttack(model, norm=norm, eps=eps, version="standard", n_classes=10, seed=0)
+    x_adv = attack(x, y)
+    with torch.no_grad():
+        clean = int((model(x).argmax(1) == y).sum())
+        theirs = int((model(x_adv).argmax(1) == y).sum())
+    assert 0 < theirs < clean, "the budget should leave some examples robust and break others"
+    assert abs(ours.n_correct - theirs) <= 1, (norm, ours.n_correct, theirs)
