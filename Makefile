@@ -9,11 +9,14 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, alone: pinned pair, so no other package can pull a different build.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[dev]'
+	# Test-only cross-check of our AutoAttack path; its declared requirements (an old requests,
+	# any torchvision) would replace pinned packages, hence --no-deps.
+	$(BIN)/pip install -q --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
 demo: setup

@@ -67,14 +67,14 @@ class RobustLoss:
 
 def make_loss(loss_cfg: dict[str, Any]) -> RobustLoss:
     """The RobustLoss of a `conf/loss` option."""
-    name = loss_cfg["name"]
-    if name not in LOSSES:
-        raise unknown_choice("loss", name, LOSSES)
+    kind = loss_cfg["kind"]  # the option's `name` may differ, e.g. trades_two_hinge
+    if kind not in LOSSES:
+        raise unknown_choice(f"loss kind (loss {loss_cfg['name']!r})", kind, LOSSES)
     beta = loss_cfg.get("trades_beta")
-    if name == "trades" and beta is None:
-        raise RFTBenchError("loss trades needs trades_beta (the study used 1.0)")
-    return RobustLoss(name, make_attack(loss_cfg["attack"]), loss_cfg["attack"]["objective"],
-                      float(beta) if name == "trades" else None)
+    if kind == "trades" and beta is None:
+        raise RFTBenchError(f"loss {loss_cfg['name']!r}: trades needs trades_beta (the study used 1.0)")
+    return RobustLoss(kind, make_attack(loss_cfg["attack"]), loss_cfg["attack"]["objective"],
+                      float(beta) if kind == "trades" else None)
 
 
 def eps_at_epoch(schedule_cfg: dict[str, Any], target_eps: float, epoch: int, epochs: int,

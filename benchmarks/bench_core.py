@@ -147,11 +147,12 @@ def aa_timings() -> dict[str, float]:
     with torch.no_grad():
         y = model(x).argmax(1)
     cfg = {"kind": "autoattack", "norm": "Linf", "eps": study_module.load_option("eval", "linf")["linf"]["eps"],
-           "version": "custom", "attacks": ["apgd-ce"], "seed": 0}
+           "version": "custom", "attacks": ["apgd-ce"], "n_restarts": 1, "seed": 0}  # as the demo study
 
     def direct() -> None:
         adversary = pyautoattack.AutoAttack(model, norm=cfg["norm"], eps=cfg["eps"], version="custom",
                                             attacks=cfg["attacks"], device=torch.device("cpu"), seed=cfg["seed"])
+        adversary.apgd.n_restarts = cfg["n_restarts"]
         adversary.run_standard_evaluation(x, y, batch_size=AA_IMAGES)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -110,8 +110,8 @@ def test_non_finite_loss_raises_a_clear_error(model, batch, eps):
 
 
 def test_make_loss_refuses_bad_configs():
-    with pytest.raises(RFTBenchError, match="unknown loss 'trade'; valid choices \\(closest first\\): trades"):
-        make_loss(_loss_cfg("trades", name="trade"))
+    with pytest.raises(RFTBenchError, match="unknown loss kind .* 'trade'; valid choices \\(closest first\\): trades"):
+        make_loss(_loss_cfg("trades", kind="trade"))
     with pytest.raises(RFTBenchError, match="trades needs trades_beta"):
         make_loss(_loss_cfg("trades", trades_beta=None))
 

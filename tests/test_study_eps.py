@@ -11,30 +11,25 @@ SCHEDULE = {"classic_at": "constant", "classic_at_two_hinge": "two_hinge",
             "trades": "constant", "trades_two_hinge": "two_hinge"}
 
 
-def _loss_option(cell) -> str:
-    """The loss option a cell came from (its label is the loss it trains, shared by both sides)."""
-    schedule = cell.config["loss"]["eps_schedule"]["name"]
-    return cell.loss if schedule == "constant" else f"{cell.loss}_two_hinge"
-
-
 def test_eps_schedule_study_crosses_fixed_and_scheduled_eps():
     study = plan(["study=eps_schedule"])
     assert study.name == "eps_schedule"
     assert len({c.id for c in study.cells}) == len(study.cells) == 3 * 3 * 4
-    by_option = Counter(_loss_option(c) for c in study.cells)
+    by_option = Counter(c.loss for c in study.cells)
     assert by_option == {option: 9 for option in SCHEDULE}
     for cell in study.cells:
         loss = cell.config["loss"]
-        assert loss["eps_schedule"]["name"] == SCHEDULE[_loss_option(cell)]
+        assert loss["eps_schedule"]["name"] == SCHEDULE[cell.loss]
+        assert loss["kind"] == cell.loss.removesuffix("_two_hinge")
         assert cell.protocol == "fft50" and cell.config["protocol"]["epochs"] == 50
 
 
 def test_scheduled_cells_differ_from_their_fixed_twin_only_in_the_schedule():
     cells = plan(["study=eps_schedule", "dataset=uc_merced", "model=convnext_tiny.fb_in1k"]).cells
-    by_option = {_loss_option(c): c for c in cells}
+    by_option = {c.loss: c for c in cells}
     for fixed in ("classic_at", "trades"):
         constant, hinged = by_option[fixed].config, by_option[f"{fixed}_two_hinge"].config
-        assert {**hinged, "loss": {**hinged["loss"], "eps_schedule": {"name": "constant"},
+        assert {**hinged, "loss": {**hinged["loss"], "eps_schedule": {"name": "constant"}, "name": fixed,
                                    "study_name": constant["loss"]["study_name"]}} == constant
         schedule, target = hinged["loss"]["eps_schedule"], hinged["loss"]["attack"]["eps"]
         assert schedule == {"name": "two_hinge", "t1": 12, "t2": 37}
