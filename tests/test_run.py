@@ -45,7 +45,7 @@ def test_demo_cell_trains_evaluates_and_writes_five_rows(roots, capsys):
 def test_nan_loss_fails_the_cell_with_a_reason_and_keeps_done_cells(roots):
     assert main(["launch", *ONE_CELL]) == 0
     done_rows = (_cell_dir(ONE_CELL) / cells.ROWS_FILE).read_bytes()
-    exploding = [*ONE_CELL[:-1], "protocol=fft5", "protocol.optimizer.lr_head=1e38", "protocol.optimizer.lr_backbone=1e38"]
+    exploding = [*ONE_CELL[:-1], "protocol=fft5", "protocol.optimizer.lr_head=1e20", "protocol.optimizer.lr_backbone=1e20"]
     assert main(["launch", *exploding]) == 1
     failed_dir = _cell_dir(exploding)
     state = cells.read_state(failed_dir)
