@@ -15,7 +15,7 @@ from benchmark.models import Classifier
 
 torchattacks = pytest.importorskip("torchattacks", reason="torchattacks (a test-only dependency) is not installed")
 
-N_TEST, SIZE = 32, 8  # the digits' own 8 px keep the standard version's 4 attacks fast
+N_TEST, SIZE = 64, 8  # the digits' own 8 px keep the standard version's 4 attacks fast
 # Budgets at which APGD-CE leaves ~20% of the briefly trained model's examples robust: the
 # comparison counts real successes, and the later attacks run on few examples (fast).
 BUDGETS = [("Linf", 16 / 255), ("L2", 0.5)]
