@@ -7,6 +7,7 @@ Cell directory `<results>/<study>/cells/<cell_id>/`:
   config.yaml    the resolved cell config (written when the cell is first launched)
   state.json     what the worker last said: submitted / running (+ heartbeat) / failed (+ reason)
   train.log      the worker's log
+  heartbeat      touched every 30 s while a worker runs (its mtime tells a live worker from a dead one)
   ckpt/last.pt   the last completed epoch (training resumes from it)
   aa_state/      AutoAttack evaluation state (an interrupted evaluation resumes from it)
   examples.parquet  per-example correctness for every condition
@@ -33,6 +34,8 @@ EXAMPLES_FILE = "examples.parquet"
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "train.log"
+HEARTBEAT_FILE = "heartbeat"  # touched by a running worker every HEARTBEAT_SECONDS
+HEARTBEAT_SECONDS = 30.0
 
 # libyaml's C implementations: a 1,440-cell study reads and writes 1,440 configs.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)

@@ -24,7 +24,6 @@ from benchmark import data, evaluate, models, results, train
 from benchmark.provenance import provenance
 
 log = logging.getLogger("benchmark")
-HEARTBEAT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -154,15 +153,15 @@ def _cell_log(cell_dir: Path) -> Iterator[None]:
 
 @contextmanager
 def _heartbeat(cell_dir: Path) -> Iterator[None]:
-    """Touch `heartbeat` every HEARTBEAT_SECONDS, so a status check can tell a live worker from a
+    """Touch the heartbeat file every HEARTBEAT_SECONDS, so a status check can tell a live worker from a
     dead one whose state still says running."""
     stop = threading.Event()
-    beat = cell_dir / "heartbeat"
+    beat = cell_dir / cells.HEARTBEAT_FILE
 
     def loop() -> None:
         while True:
             beat.touch()
-            if stop.wait(HEARTBEAT_SECONDS):
+            if stop.wait(cells.HEARTBEAT_SECONDS):
                 return
 
     thread = threading.Thread(target=loop, daemon=True, name="heartbeat")

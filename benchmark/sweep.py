@@ -31,9 +31,8 @@ from benchmark.study import Study, plan
 
 TABLE_ROWS = 40  # cells listed in the text output; --format json lists all
 LOG_LINES = 5  # lines of a failed cell's log shown by `status`
-# The file benchmark.run touches every HEARTBEAT_SECONDS (30 s) while a worker runs; a running
-# cell whose job the scheduler does not know (or that has none) is dead once it is this old.
-HEARTBEAT_FILE = "heartbeat"
+# A running cell whose job the scheduler does not know (or that has none) is dead once its
+# heartbeat file (touched every cell.HEARTBEAT_SECONDS by the worker) is this old.
 STALE_HEARTBEAT_S = 120.0
 # What a cell's file state shows while a worker may still be at it (reconciled with SLURM).
 ACTIVE = {"submitted": "queued", "requeued": "queued", "running": "running"}
@@ -93,7 +92,7 @@ def _heartbeat_age(cell_dir: Path, record: dict[str, Any], now: float) -> float 
     if record["state"] != "running":
         return None
     try:
-        return now - (cell_dir / HEARTBEAT_FILE).stat().st_mtime
+        return now - (cell_dir / cells.HEARTBEAT_FILE).stat().st_mtime
     except FileNotFoundError:
         return None
 

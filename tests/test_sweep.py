@@ -15,7 +15,8 @@ import pytest
 from benchmark import cell as cells
 from benchmark.cli import main
 from benchmark.study import plan
-from benchmark.sweep import HEARTBEAT_FILE, STALE_HEARTBEAT_S, cell_states, reconcile
+from benchmark.cell import HEARTBEAT_FILE
+from benchmark.sweep import STALE_HEARTBEAT_S, cell_states, reconcile
 from launchers.slurm import CellJob, RequeueLimitError, job_ranges, outcome, shapes
 
 TWO_CELLS = ["study=demo", "model=test_resnet.demo", "protocol=fft5"]
