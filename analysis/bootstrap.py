@@ -38,7 +38,7 @@ def replicates(long: pd.DataFrame, study_dir: Path, n_resamples: int = N_RESAMPL
         if not path.exists():
             continue
         try:
-            examples = pq.read_table(path, columns=["condition", "index", "correct"]).to_pandas()
+            examples = _scores(pq.read_table(path))
         except (OSError, pa.ArrowException) as err:
             warnings.warn(AnalysisWarning(f"{path}: unreadable per-example results, no interval for its cell ({err})"),
                           stacklevel=2)
@@ -48,15 +48,22 @@ def replicates(long: pd.DataFrame, study_dir: Path, n_resamples: int = N_RESAMPL
     return {key: sum(frames) / len(frames) for key, frames in out.items()}
 
 
+def _scores(examples: pa.Table) -> pd.DataFrame:
+    """condition, index, score: each example's share of its condition's accuracy. Files written
+    before expected robustness have no score column: their score is `correct`."""
+    value = "score" if "score" in examples.column_names else "correct"
+    return examples.select(["condition", "index", value]).rename_columns(["condition", "index", "score"]).to_pandas()
+
+
 def _resample(examples: pd.DataFrame, cell_id: str, n_resamples: int, seed: int) -> pd.DataFrame:
-    correct = examples.pivot(index="condition", columns="index", values="correct")
-    correct = correct.loc[ordered(correct.index, CONDITIONS)].astype(float)
-    measured = correct.notna().to_numpy(float)  # a condition may cover fewer examples
-    hits = correct.fillna(0.0).to_numpy()
+    scores = examples.pivot(index="condition", columns="index", values="score")
+    scores = scores.loc[ordered(scores.index, CONDITIONS)].astype(float)
+    measured = scores.notna().to_numpy(float)  # a condition may cover fewer examples
+    hits = scores.fillna(0.0).to_numpy()
     n = hits.shape[1]
     rng = np.random.default_rng([seed, zlib.crc32(cell_id.encode())])
     counts = rng.multinomial(n, np.full(n, 1 / n), size=n_resamples)
-    return pd.DataFrame((counts @ hits.T) / (counts @ measured.T), columns=correct.index)
+    return pd.DataFrame((counts @ hits.T) / (counts @ measured.T), columns=scores.index)
 
 
 def _interval(samples: np.ndarray, level: float = LEVEL) -> tuple[float, float]:

@@ -17,7 +17,8 @@ from benchmark.errors import RFTBenchError, closest_first
 from benchmark.study import load_option, options
 
 CONDITIONS = ("clean", "linf", "l2", "l1", "common")
-CONDITION_LABELS = {"clean": "clean", "linf": "L∞", "l2": "L2", "l1": "L1", "common": "common"}
+CONDITION_LABELS = {"clean": "clean", "linf": "L∞", "l2": "L2", "l1": "L1", "common": "common",
+                    "expected_linf": "expected L∞"}
 PROTOCOLS = ("fft50", "fft5", "lp50")
 # The factors whose effect on the Borda score the study reports (loss is an axis, the rest metadata).
 FACTORS = ("size", "type", "loss", "pretraining")

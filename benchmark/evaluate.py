@@ -1,7 +1,7 @@
 """The evaluation conditions of `conf/eval`: one Measurement per condition, per-example.
 
-A condition's `kind` selects a function in KINDS; a new kind (e.g. expected robustness over an
-eps grid) is one more function `(Context, cfg) -> (correct, description)` registered there.
+A condition's `kind` selects a function in KINDS; a new kind is one more function
+`(Context, cfg) -> (scores, description)` registered there.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from benchmark.attacks import eval_mode
 from benchmark.errors import RFTBenchError, unknown_choice
-from benchmark.results import condition_columns
+from benchmark.results import condition_columns, eps_grid
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,12 @@ AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "custom")
 
 @dataclass(kw_only=True)
 class Measurement:
-    """One condition measured on the whole test split; `correct` is in test order. The fields
-    from norm to attack_version describe the condition; those that do not apply are None."""
+    """One condition measured on the whole test split. The fields from norm to attack_version
+    describe the condition; those that do not apply are None.
+
+    `score` is each example's share of the accuracy, in test order: 1 or 0 (correct or not), or
+    for expected robustness the share of its eps grid at which it is correct (trapezoid weights).
+    `accuracy` is its mean; `correct` (and `n_correct`) the examples of score 1."""
 
     condition: str
     norm: str | None = None
@@ -44,7 +48,9 @@ class Measurement:
     attack_version: str | None = None  # version of the package that ran the attack
     n_examples: int
     n_correct: int
+    accuracy: float
     correct: np.ndarray
+    score: np.ndarray
     seconds: float
 
 
@@ -68,8 +74,9 @@ class Context:
                               for batch in x.split(self.batch_size)])
 
 
-# A kind returns the per-example correctness (bool, test order) and its description: the
-# Measurement fields norm, epsilon, eps_grid, attack, attack_version that apply to it.
+# A kind returns the per-example scores (test order; bool when an example is simply correct or
+# not) and its description: the Measurement fields norm, epsilon, eps_grid, attack,
+# attack_version that apply to it.
 Kind = Callable[[Context, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
 
 
@@ -79,23 +86,37 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eval_cfg: dict[str, dict[st
     model in eval mode (its flags are restored afterwards). `x`, `y` are the whole test split on
     the CPU; batches move to the model's device. AutoAttack state goes under `work_dir/aa_state`
     so an interrupted evaluation resumes."""
-    for condition, cfg in eval_cfg.items():  # every kind is known before anything runs
-        if cfg["kind"] not in KINDS:
-            raise unknown_choice(f"eval kind (condition {condition})", cfg["kind"], KINDS)
+    check_conditions(eval_cfg)
     device = next(model.parameters()).device
     measurements = []
     with eval_mode(model):
         for condition, cfg in eval_cfg.items():
             start = time.perf_counter()
             context = Context(model, x, y, device, Path(work_dir), batch_size, condition)
-            correct, description = KINDS[cfg["kind"]](context, cfg)
-            measurement = Measurement(condition=condition, **description, n_examples=len(correct),
-                                      n_correct=int(correct.sum()), correct=correct.numpy(),
-                                      seconds=time.perf_counter() - start)
+            scores, description = KINDS[cfg["kind"]](context, cfg)
+            score = scores.double().numpy()  # float64: a bool count's mean is then n_correct / n exactly
+            measurement = Measurement(condition=condition, **description, n_examples=len(score),
+                                      n_correct=int((score == 1).sum()), accuracy=float(score.mean()),
+                                      correct=score == 1, score=score, seconds=time.perf_counter() - start)
             log.info("%s: %d/%d correct (%.1f s)", condition, measurement.n_correct, measurement.n_examples,
                      measurement.seconds)
             measurements.append(measurement)
     return measurements
+
+
+def check_conditions(eval_cfg: dict[str, dict[str, Any]]) -> None:
+    """Refuse a condition that could not run (unknown kind, norm, version, corruption; a bad
+    eps grid), naming it: `evaluate` checks all before measuring any, a launch before submitting."""
+    for condition, cfg in eval_cfg.items():
+        kind = cfg["kind"]
+        if kind not in KINDS:
+            raise unknown_choice(f"eval kind (condition {condition})", kind, KINDS)
+        if kind in ("autoattack", "expected"):
+            _check_autoattack(condition, cfg)
+        if kind == "expected":
+            eps_grid(cfg)
+        if kind == "corruptions":
+            _imagecorruptions(cfg["corruptions"], cfg["severity"])
 
 
 def clean(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
@@ -116,23 +137,25 @@ def clean(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
 def autoattack(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
     """AutoAttack (pyautoattack, Croce & Hein 2020) at cfg norm, eps, version, seed. With
     version "custom", cfg `attacks` lists the attacks (pyautoattack's defaults for each)."""
-    if cfg["norm"] not in AUTOATTACK_NORMS:
-        raise unknown_choice(f"AutoAttack norm (condition {ctx.condition})", cfg["norm"], AUTOATTACK_NORMS)
-    if cfg["version"] not in AUTOATTACK_VERSIONS:
-        raise unknown_choice(f"AutoAttack version (condition {ctx.condition})", cfg["version"], AUTOATTACK_VERSIONS)
-    if (cfg["version"] == "custom") != bool(cfg.get("attacks")):
-        raise RFTBenchError(f"condition {ctx.condition}: AutoAttack takes a list of `attacks` with version "
-                            f"custom, and only then (got version {cfg['version']!r}, attacks {cfg.get('attacks')!r})")
     path = ctx.work_dir / "aa_state" / f"{ctx.condition}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_correct = ctx.predict(ctx.x) == ctx.y
-    state = _resumable_state(path, clean_correct)
+    state = _resumable_state(path, ctx) if path.exists() else None
     if state is None:
         robust = _run_autoattack(ctx, cfg, ctx.x, ctx.y, path)
     else:
         robust = _resume_autoattack(ctx, cfg, state, path)
     description = {**condition_columns(cfg), "epsilon": float(cfg["eps"]), "attack_version": pyautoattack.__version__}
     return robust, description
+
+
+def _check_autoattack(condition: str, cfg: dict[str, Any]) -> None:
+    if cfg["norm"] not in AUTOATTACK_NORMS:
+        raise unknown_choice(f"AutoAttack norm (condition {condition})", cfg["norm"], AUTOATTACK_NORMS)
+    if cfg["version"] not in AUTOATTACK_VERSIONS:
+        raise unknown_choice(f"AutoAttack version (condition {condition})", cfg["version"], AUTOATTACK_VERSIONS)
+    if (cfg["version"] == "custom") != bool(cfg.get("attacks")):
+        raise RFTBenchError(f"condition {condition}: AutoAttack takes a list of `attacks` with version "
+                            f"custom, and only then (got version {cfg['version']!r}, attacks {cfg.get('attacks')!r})")
 
 
 def _new_autoattack(ctx: Context, cfg: dict[str, Any]) -> pyautoattack.AutoAttack:
@@ -155,13 +178,9 @@ def _run_autoattack(ctx: Context, cfg: dict[str, Any], x: Tensor, y: Tensor, pat
     adversary = _new_autoattack(ctx, cfg)
     if attacks is not None:
         adversary.attacks_to_run = attacks
-    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=ctx.batch_size, state_path=path)
-    robust = _load_state(path).robust_flags
-    disagree = int((robust != (ctx.predict(x_adv) == y)).sum())
-    if disagree:  # only a model whose outputs vary between calls (or batches) can cause this
-        log.warning("%s: AutoAttack's robust flags and the predictions on its adversarial examples "
-                    "disagree on %d examples; using the flags", ctx.condition, disagree)
-    return robust
+    # Its own checks (e.g. for a randomised model, whose flags could not be trusted) log warnings.
+    adversary.run_standard_evaluation(x, y, batch_size=ctx.batch_size, state_path=path)
+    return _load_state(path).robust_flags
 
 
 def _resume_autoattack(ctx: Context, cfg: dict[str, Any], state: EvaluationState, path: Path) -> Tensor:
@@ -193,23 +212,50 @@ def _load_state(path: Path) -> EvaluationState:
         return EvaluationState.from_disk(path)
 
 
-def _resumable_state(path: Path, clean_correct: Tensor) -> EvaluationState | None:
-    """The state at `path` if it belongs to this model and data, else None (absent, cut short
-    mid-write, or left by another model: its clean accuracy or flags do not fit)."""
-    if not path.exists():
-        return None
+def _resumable_state(path: Path, ctx: Context) -> EvaluationState | None:
+    """The state at `path` if it belongs to this model and data, else None (cut short mid-write,
+    or left by another model: its clean accuracy or flags do not fit)."""
     try:
         state = _load_state(path)
     except (ValueError, KeyError, TypeError) as err:
         log.warning("ignoring the unreadable AutoAttack state %s (%s: %s)", path, type(err).__name__, err)
         return None
-    robust = state.robust_flags
+    robust, clean_correct = state.robust_flags, ctx.predict(ctx.x) == ctx.y
     n = len(clean_correct)
     if (robust.shape != clean_correct.shape or state.clean_accuracy != int(clean_correct.sum()) / n
             or bool((robust & ~clean_correct).any())):
         log.warning("ignoring the AutoAttack state %s: it does not match this model's clean predictions", path)
         return None
     return state
+
+
+# --- expected robustness ---------------------------------------------------------------------
+
+def expected_robustness(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+    """Expected robustness (Ngnawe et al., 2025): the mean robust accuracy over eps uniform in
+    [0, cfg eps], by the trapezoid rule on the grid of `results.eps_grid` (eps = 0 is the clean
+    accuracy). Every other budget is the cfg's AutoAttack (custom: APGD-CE) run on every example,
+    resumable as its own condition `<condition>@<k>`. An example's score is the trapezoid mean
+    of its correctness over the grid, so the scores' mean is the trapezoid mean of the curve."""
+    grid = eps_grid(cfg)
+    attack_cfg = {key: value for key, value in cfg.items() if key != "grid_step"}
+    curve = [ctx.predict(ctx.x) == ctx.y]
+    for k, eps in enumerate(grid[1:], start=1):
+        at_eps = replace(ctx, condition=f"{ctx.condition}@{k}")
+        curve.append(autoattack(at_eps, {**attack_cfg, "kind": "autoattack", "eps": eps})[0])
+    log.info("%s: accuracy at eps = k/%d of %g, k = 0..%d: %s", ctx.condition, len(grid) - 1, grid[-1],
+             len(grid) - 1, " ".join(f"{float(correct.double().mean()):.3f}" for correct in curve))
+    description = {**condition_columns(cfg), "attack_version": pyautoattack.__version__}
+    return trapezoid_scores(torch.stack(curve)), description
+
+
+def trapezoid_scores(correct: Tensor) -> Tensor:
+    """Per example (columns), the trapezoid mean over an evenly spaced grid (rows) of its
+    correctness: (c_0 + 2 c_1 + ... + 2 c_{M-1} + c_M) / 2M, in integers until the division so
+    an example correct everywhere scores exactly 1."""
+    weights = torch.full((len(correct),), 2, dtype=torch.int64)
+    weights[[0, -1]] = 1
+    return (weights @ correct.long()).double() / (2 * (len(correct) - 1))
 
 
 # --- common corruptions ----------------------------------------------------------------------
@@ -279,4 +325,5 @@ def _imagecorruptions(names: list[str], severity: int) -> Callable[..., np.ndarr
     return corrupt
 
 
-KINDS: dict[str, Kind] = {"clean": clean, "autoattack": autoattack, "corruptions": corruptions}
+KINDS: dict[str, Kind] = {"clean": clean, "autoattack": autoattack, "expected": expected_robustness,
+                          "corruptions": corruptions}

@@ -44,7 +44,7 @@ ROW_SCHEMA = pa.schema(
         ("attack_version", pa.string()),      # version of the package that ran the attack
         ("n_examples", pa.int64()),
         ("n_correct", pa.int64()),
-        ("accuracy", pa.float64()),           # n_correct / n_examples
+        ("accuracy", pa.float64()),           # n_correct / n_examples; expected robustness: see README
         ("attempt", pa.int32()),              # how many times a worker started this cell
         ("requeues", pa.int32()),             # how many times the scheduler requeued it
         ("source", pa.string()),              # run | imported
@@ -170,17 +170,32 @@ def read_rows(path: Path) -> pa.Table:
 
 
 def condition_columns(spec: dict[str, Any]) -> dict[str, Any]:
-    """The norm, epsilon, eps_grid and attack columns of a condition, from its `eval` config node."""
+    """The norm, epsilon, eps_grid and attack columns of a condition, from its `eval` config node.
+    An expected-robustness condition runs its AutoAttack at every budget of its grid; its
+    epsilon is the grid's end."""
     kind = spec["kind"]
-    if kind == "autoattack":
+    if kind in ("autoattack", "expected"):
         budget = "".join(f",{key}={spec[key]}" for key in ("n_iter", "n_restarts") if key in spec)
         attacks = f"({','.join(spec['attacks'])}{budget})" if spec.get("attacks") else ""
-        attack = f"autoattack-{spec['version']}{attacks}"
+        attack = f"{'expected-' if kind == 'expected' else ''}autoattack-{spec['version']}{attacks}"
     elif kind == "corruptions":
         attack = f"corruptions-severity{spec['severity']}"
     else:
         attack = None if kind == "clean" else kind
-    return {"norm": spec.get("norm"), "epsilon": spec.get("eps"), "eps_grid": spec.get("eps_grid"), "attack": attack}
+    grid = eps_grid(spec) if kind == "expected" else None
+    return {"norm": spec.get("norm"), "epsilon": spec.get("eps"), "eps_grid": grid, "attack": attack}
+
+
+def eps_grid(spec: dict[str, Any]) -> list[float]:
+    """The budgets of an expected-robustness condition: 0 to `eps` in steps of `grid_step`
+    (e.g. 4/255 in steps of 1/255: 0, 1/255, ..., 4/255). `eps` must be a whole number of steps;
+    the points are k * eps / M, so the last is `eps` exactly."""
+    eps, step = float(spec["eps"]), float(spec["grid_step"])
+    intervals = round(eps / step) if step > 0 else 0
+    if eps <= 0 or intervals < 1 or abs(intervals * step - eps) > 1e-9 * eps:
+        raise RFTBenchError(f"expected robustness needs eps > 0 that is a whole number of grid steps: got "
+                            f"eps={eps!r}, grid_step={step!r} (e.g. eps=4/255, grid_step=1/255)")
+    return [k * eps / intervals for k in range(intervals + 1)]
 
 
 def study_from(overrides: Sequence[str], default: str = "demo") -> tuple[str, Path | None]:

@@ -124,16 +124,18 @@ def _measured(m: evaluate.Measurement) -> dict[str, Any]:
     return {
         "condition": m.condition, "norm": m.norm, "epsilon": m.epsilon, "eps_grid": m.eps_grid,
         "attack": m.attack, "attack_version": m.attack_version, "n_examples": m.n_examples,
-        "n_correct": m.n_correct, "accuracy": m.n_correct / m.n_examples, "eval_seconds": m.seconds,
+        "n_correct": m.n_correct, "accuracy": m.accuracy, "eval_seconds": m.seconds,
     }
 
 
 def _examples_table(measurements: list[evaluate.Measurement]) -> pa.Table:
-    """Per-example correctness, one row per condition x test example (for bootstrap CIs)."""
+    """Per-example results, one row per condition x test example (for bootstrap CIs): whether
+    it is correct, and its score (its share of the accuracy, see `evaluate.Measurement`)."""
     return pa.table({
         "condition": [m.condition for m in measurements for _ in m.correct],
         "index": [i for m in measurements for i in range(len(m.correct))],
         "correct": [bool(c) for m in measurements for c in m.correct],
+        "score": [float(v) for m in measurements for v in m.score],
     })
 
 

@@ -300,6 +300,25 @@ def test_bootstrap_intervals_from_per_example_results(synth_root, synth_tables):
     assert ((conf["robust_low"] <= conf["mean_robust"] + 1e-12) & (conf["mean_robust"] <= conf["robust_high"] + 1e-12)).all()
 
 
+def test_bootstrap_resamples_scores_when_examples_have_them(synth_root, tmp_path):
+    """Expected robustness gives each example a share of the grid (its score), not a hit or miss:
+    the bootstrap resamples scores. Every example scoring 5/8 (none correct everywhere) makes
+    every replicate 5/8; a file of hits and misses alone (before scores existed) still works."""
+    long = results.load(SYNTH, synth_root)
+    cell = long[long["condition"] == "clean"].iloc[[0]].assign(condition="expected_linf", accuracy=5 / 8)
+    cell_dir = tmp_path / "cells" / cell["cell_id"].iloc[0]
+    cell_dir.mkdir(parents=True)
+    n = 40
+    pq.write_table(pa.table({"condition": ["expected_linf"] * n, "index": list(range(n)), "correct": [False] * n,
+                             "score": [5 / 8] * n}), cell_dir / EXAMPLES_FILE)
+    (frame,) = bootstrap.replicates(cell, tmp_path, n_resamples=50).values()
+    assert np.allclose(frame["expected_linf"], 5 / 8)
+    pq.write_table(pa.table({"condition": ["clean"] * n, "index": list(range(n)), "correct": [True] * n}),
+                   cell_dir / EXAMPLES_FILE)
+    (frame,) = bootstrap.replicates(cell, tmp_path, n_resamples=50).values()
+    assert (frame["clean"] == 1.0).all()
+
+
 def test_unreadable_per_example_results_are_named_and_skipped(synth_root, tmp_path):
     long = results.load(SYNTH, synth_root)
     cell_id = long["cell_id"].iloc[0]

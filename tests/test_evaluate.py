@@ -17,8 +17,9 @@ from pyautoattack.state import EvaluationState
 from sklearn.datasets import load_digits
 from torch import nn
 
+from benchmark import results
 from benchmark.errors import RFTBenchError
-from benchmark.evaluate import corrupt_images, evaluate
+from benchmark.evaluate import corrupt_images, evaluate, trapezoid_scores
 from benchmark.study import load_option
 
 with warnings.catch_warnings():
@@ -30,6 +31,8 @@ N_TEST = 32
 # version runs in the slow test below.
 APGD_CE = {"kind": "autoattack", "norm": "Linf", "eps": 8 / 255, "version": "custom", "attacks": ["apgd-ce"], "seed": 0}
 COMMON = load_option("eval", "common")["common"]
+# Expected robustness over 0..4/255 on a 1/255 grid, APGD-CE with a small budget.
+EXPECTED = {**load_option("eval", "expected_linf")["expected_linf"], "n_iter": 10}
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +200,35 @@ def test_corruption_condition_is_deterministic_and_independent_of_batching(model
     assert (first.attack, first.attack_version) == ("corruptions-severity3", importlib.metadata.version("imagecorruptions"))
 
 
+def test_trapezoid_scores_average_a_known_accuracy_curve():
+    """Four examples on a 5-point grid: accuracies 1, .75, .5, .5, .25 (example 2 is broken at
+    the third budget but not the fourth: an attack need not be monotone in eps)."""
+    correct = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    scores = trapezoid_scores(correct)
+    curve = correct.double().mean(1).numpy()
+    assert scores.mean().item() == pytest.approx(np.trapezoid(curve, dx=1) / 4)
+    assert scores.tolist() == [1.0, 5 / 8, 5 / 8, 1 / 8]  # (c0 + 2 c1 + 2 c2 + 2 c3 + c4) / 8
+
+
+def test_expected_robustness_is_the_trapezoid_of_the_attack_accuracies(model, test_split, tmp_path, caplog):
+    x, y = test_split
+    (m,) = evaluate(model, x, y, {"expected_linf": EXPECTED}, tmp_path / "expected", batch_size=20)
+    grid = [k / 255 for k in range(5)]
+    assert m.eps_grid == pytest.approx(grid, abs=1e-15) and m.eps_grid[-1] == m.epsilon == EXPECTED["eps"]
+    correct_at = [_direct_correct(model, x, y)]
+    for eps in grid[1:]:  # each budget measured on its own as an AutoAttack condition
+        linf = {**EXPECTED, "kind": "autoattack", "eps": eps}
+        correct_at.append(evaluate(model, x, y, {"linf": linf}, tmp_path / f"{eps}", batch_size=20)[0].correct)
+    curve = [c.mean() for c in correct_at]
+    assert curve[0] > curve[-1] > 0  # the budgets matter
+    assert m.accuracy == pytest.approx(np.trapezoid(curve, grid) / grid[-1], abs=1e-12)
+    assert m.n_correct == np.logical_and.reduce(correct_at).sum()  # correct at every budget
+    assert (m.norm, m.attack) == ("Linf", "expected-autoattack-custom(apgd-ce,n_iter=10,n_restarts=1)")
+    with caplog.at_level(logging.INFO, logger="benchmark.evaluate"):
+        (again,) = evaluate(model, x, y, {"expected_linf": EXPECTED}, tmp_path / "expected", batch_size=20)
+    assert caplog.text.count("attacks left: none") == 4 and again.accuracy == m.accuracy
+
+
 def test_conditions_come_back_in_the_config_order(model, test_split, tmp_path):
     cfg = {"common": COMMON, "clean": {"kind": "clean"}}
     assert [m.condition for m in evaluate(model, *test_split, cfg, tmp_path)] == ["common", "clean"]
@@ -208,7 +240,27 @@ def test_conditions_come_back_in_the_config_order(model, test_split, tmp_path):
     ({"x": {**APGD_CE, "version": "standard"}}, "AutoAttack takes a list of `attacks` with version custom"),
     ({"x": {**COMMON, "corruptions": ["fogg"]}}, "unknown corruption 'fogg'; valid choices (closest first): fog"),
     ({"x": {**COMMON, "severity": 6}}, "corruption severity must be an integer from 1 to 5, got 6"),
+    ({"x": {**EXPECTED, "grid_step": 3 / 255}}, "eps > 0 that is a whole number of grid steps"),
+    ({"c": {"kind": "clean"}, "x": {**EXPECTED, "version": "plus"}}, "AutoAttack takes a list of `attacks`"),
 ])
 def test_bad_conditions_are_refused(model, test_split, tmp_path, cfg, message):
     with pytest.raises(RFTBenchError, match=re.escape(message)):
         evaluate(model, *test_split, cfg, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_cell_measures_expected_robustness_into_its_rows(roots):
+    """End to end: a demo cell with the expected-robustness condition, launched and collected."""
+    from benchmark.cli import main
+
+    overrides = ["study=demo", "model=test_resnet.demo", "loss=classic_at", "protocol=lp50",
+                 "eval=[clean,expected_linf]", "eval.expected_linf.n_iter=10"]
+    assert main(["launch", *overrides]) == 0
+    long = results.load("demo")
+    assert list(long["condition"]) == ["clean", "expected_linf"]
+    clean, expected = long.to_dict("records")
+    assert list(expected["eps_grid"]) == pytest.approx([k / 255 for k in range(5)], abs=1e-15)
+    assert expected["attack"] == "expected-autoattack-custom(apgd-ce,n_iter=10,n_restarts=1)"
+    assert expected["n_correct"] <= expected["accuracy"] * expected["n_examples"] <= clean["n_correct"]
+    cell_dir = roots["results"] / "demo" / "cells" / expected["cell_id"]
+    assert sorted(p.name for p in (cell_dir / "aa_state").iterdir()) == [f"expected_linf@{k}.json" for k in range(1, 5)]

@@ -97,6 +97,10 @@ def test_condition_columns_describe_each_kind_of_condition():
     assert results.condition_columns(linf) == {"norm": "Linf", "epsilon": 4 / 255, "eps_grid": None, "attack": "autoattack-standard"}
     common = {"kind": "corruptions", "severity": 3, "seed": 0, "corruptions": ["snow"]}
     assert results.condition_columns(common)["attack"] == "corruptions-severity3"
+    expected = {**linf, "kind": "expected", "grid_step": 2 / 255, "version": "custom", "attacks": ["apgd-ce"], "n_iter": 9}
+    assert results.condition_columns(expected) == {
+        "norm": "Linf", "epsilon": 4 / 255, "eps_grid": [0.0, 2 / 255, 4 / 255],
+        "attack": "expected-autoattack-custom(apgd-ce,n_iter=9)"}
 
 
 def test_study_from_reads_study_and_results_root():
