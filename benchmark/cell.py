@@ -1,7 +1,9 @@
 """The cell: one fully resolved config of the grid, its stable id, its directory and its state.
 
 A cell's id is a hash of its canonical resolved config, so the same config has the same id on
-any machine, and relaunching a study finds the cells that are already done.
+any machine, and relaunching a study finds the cells that are already done. A grid's ids are
+assembled from each option's canonical JSON, serialised once (`grid`): planning 100,000 cells
+must not serialise 100,000 whole configs.
 
 Cell directory `<results>/<study>/cells/<cell_id>/`:
   config.yaml    the resolved cell config (written when the cell is first launched)
@@ -10,14 +12,17 @@ Cell directory `<results>/<study>/cells/<cell_id>/`:
   heartbeat      touched every 30 s while a worker runs (its mtime tells a live worker from a dead one)
   ckpt/last.pt   the last completed epoch (training resumes from it)
   aa_state/      AutoAttack evaluation state (an interrupted evaluation resumes from it)
-  examples.parquet  per-example correctness for every condition
+  examples.parquet  per-example results (correct, score) for every condition
   rows.parquet   the result rows, written last and atomically: the cell is done when it exists
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,8 @@ from benchmark.atomic import write_json_atomic, write_text_atomic
 
 AXES = ("dataset", "model", "loss", "protocol")
 ID_LENGTH = 16
+
+CELLS_DIR = "cells"  # <results>/<study>/cells/<cell_id>/
 
 ROWS_FILE = "rows.parquet"
 EXAMPLES_FILE = "examples.parquet"
@@ -42,10 +49,34 @@ _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
+def canonical_json(value: Any) -> str:
+    """The JSON a cell id hashes: sorted keys, no whitespace, ASCII only."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
 def cell_id(config: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of `config` (sorted keys, no whitespace), shortened."""
-    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:ID_LENGTH]
+    """sha256 of the canonical JSON of `config`, shortened."""
+    return _digest(canonical_json(config))
+
+
+def _digest(canonical: str) -> str:
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:ID_LENGTH]
+
+
+def grid(choices: dict[str, list[Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(cell_id, config) of every config that takes one value per top-level key of `choices`,
+    in the order of itertools.product over the keys as given.
+
+    Each value is serialised once; a config's canonical JSON is then joined from its values'
+    pieces in sorted key order, the very bytes `canonical_json` gives the whole config (an id
+    costs a join and a hash, not a serialisation). The configs share their values' objects.
+    """
+    keys = list(choices)
+    pieces = [[f"{canonical_json(key)}:{canonical_json(value)}" for value in choices[key]] for key in keys]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    for combo in itertools.product(*(range(len(values)) for values in choices.values())):
+        canonical = "{" + ",".join([pieces[k][combo[k]] for k in order]) + "}"
+        yield _digest(canonical), {key: choices[key][i] for key, i in zip(keys, combo)}
 
 
 @dataclass(frozen=True)
@@ -60,20 +91,35 @@ class Cell:
     config: dict[str, Any] = field(compare=False, repr=False)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Cell:
-        return cls(cell_id(config), *(config[axis]["name"] for axis in AXES), config=config)
+    def from_config(cls, config: dict[str, Any], id_: str | None = None) -> Cell:
+        """The cell of `config`; `id_`, when given, must be `cell_id(config)` (see `grid`)."""
+        return cls(id_ or cell_id(config), *(config[axis]["name"] for axis in AXES), config=config)
+
+    @property
+    def seed(self) -> int:
+        return self.config["seed"]
 
     @property
     def slug(self) -> str:
         """A readable name for logs and job names; the id, not the slug, identifies the cell."""
-        return "__".join((self.dataset, self.model, self.loss, self.protocol))
+        return "__".join((self.dataset, self.model, self.loss, self.protocol, f"seed{self.seed}"))
 
     @property
     def axes(self) -> dict[str, str]:
         return {axis: getattr(self, axis) for axis in AXES}
 
     def directory(self, study_dir: Path) -> Path:
-        return study_dir / "cells" / self.id
+        return study_dir / CELLS_DIR / self.id
+
+
+def cells_with_directory(study_dir: Path) -> set[str]:
+    """The ids of the study's cells that have a directory (one listing: every other cell of a
+    planned study is pending without a look at its files)."""
+    try:
+        with os.scandir(study_dir / CELLS_DIR) as entries:
+            return {entry.name for entry in entries if entry.is_dir()}
+    except FileNotFoundError:
+        return set()
 
 
 def write_config(cell: Cell, cell_dir: Path, study: str) -> None:

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import yaml
 
 from benchmark.atomic import write_json_atomic
-from benchmark.cell import AXES, CONFIG_FILE, ROWS_FILE, STATE_FILE, read_config, read_state
+from benchmark.cell import AXES, CELLS_DIR, CONFIG_FILE, ROWS_FILE, STATE_FILE, read_config, read_state
 from benchmark.errors import RFTBenchError
 from benchmark.results import (
     CELL_SCHEMA,
@@ -50,7 +50,6 @@ from benchmark.results import (
     write_table,
 )
 
-CELLS_DIR = "cells"
 MANIFEST_FILE = "collect-manifest.json"
 LOCK_FILE = ".collect.lock"
 # The files whose change makes a cell be read again.
@@ -353,8 +352,10 @@ def _rows(cell_dir: Path, study: str, document: dict[str, Any] | None) -> pa.Tab
     nulls = [column for column in REQUIRED if rows[column].null_count]
     if nulls:
         raise _Rejected(f"{ROWS_FILE}: incomplete rows: null {', '.join(nulls)}")
-    for column, value in {"cell_id": cell_dir.name, "study": study, **document["axes"]}.items():
-        other = set(rows[column].to_pylist()) - {value}
+    # Cells of several seeds share their axes: the seed tells them apart (unknown in imported rows).
+    own = {"cell_id": cell_dir.name, "study": study, **document["axes"], "seed": document["config"].get("seed")}
+    for column, value in own.items():
+        other = set(rows[column].to_pylist()) - {value, *((None,) if column == "seed" else ())}
         if other:
             raise _Rejected(f"{ROWS_FILE}: foreign rows: {column} {sorted(other, key=str)}, this cell's is {value!r}")
     conditions = rows["condition"].to_pylist()

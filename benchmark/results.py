@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -19,6 +18,9 @@ from benchmark.atomic import write_atomic
 from benchmark.cell import AXES
 from benchmark.errors import RFTBenchError, unknown_choice
 from benchmark.paths import study_dir
+
+if TYPE_CHECKING:  # pandas is imported by to_pandas() when a table is loaded: commands that only
+    import pandas as pd  # read a few Parquet columns (e.g. plan's cost estimate) skip its import
 
 SCHEMA_VERSION = 1
 
@@ -252,6 +254,6 @@ def wide(df: pd.DataFrame) -> pd.DataFrame:
     """One row per cell (dataset, model, loss, protocol, cell_id), one accuracy column per
     condition, in the order the conditions first appear (the evaluation order)."""
     index = [*AXES, "cell_id"]
-    conditions = list(pd.unique(df["condition"]))
+    conditions = list(df["condition"].unique())
     table = df.pivot(index=index, columns="condition", values="accuracy")
     return table.reindex(columns=conditions).reset_index().rename_axis(columns=None)

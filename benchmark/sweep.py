@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from benchmark import cell as cells
-from benchmark.cell import AXES, Cell
+from benchmark.cell import AXES, Cell, cell_id
 from benchmark.study import Study, plan
 
 TABLE_ROWS = 40  # cells listed in the text output; --format json lists all
@@ -44,13 +44,21 @@ LAUNCH_LOCK = ".launch.lock"
 
 def cell_states(study: Study, subset: list[Cell] | None = None) -> dict[str, dict[str, Any]]:
     """State record of every cell of the study (or of `subset`), by cell id, reconciled with
-    the scheduler: `state` is one of pending, queued, running, done, failed."""
+    the scheduler: `state` is one of pending, queued, running, done, failed. A cell without a
+    directory is pending without a look at its files (most cells of a big fresh study)."""
     chosen = study.cells if subset is None else subset
-    records = {c.id: cells.read_state(c.directory(study.dir)) for c in chosen}
+    study_dir = study.dir
+    present = cells.cells_with_directory(study_dir)
+    records = {c.id: cells.read_state(c.directory(study_dir)) if c.id in present else {"state": "pending"}
+               for c in chosen}
     jobs = _job_states(records)
     now = time.time()
-    return {c.id: reconcile(records[c.id], jobs.get(records[c.id].get("job_id")),
-                            _heartbeat_age(c.directory(study.dir), records[c.id], now)) for c in chosen}
+    for cell in chosen:
+        record = records[cell.id]
+        if record["state"] in ACTIVE:
+            age = _heartbeat_age(cell.directory(study_dir), now) if record["state"] == "running" else None
+            records[cell.id] = reconcile(record, jobs.get(record.get("job_id")), age)
+    return records
 
 
 def reconcile(record: dict[str, Any], job: dict[str, str] | None, heartbeat_age: float | None) -> dict[str, Any]:
@@ -88,9 +96,7 @@ def _job_states(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]
     return jobs
 
 
-def _heartbeat_age(cell_dir: Path, record: dict[str, Any], now: float) -> float | None:
-    if record["state"] != "running":
-        return None
+def _heartbeat_age(cell_dir: Path, now: float) -> float | None:
     try:
         return now - (cell_dir / cells.HEARTBEAT_FILE).stat().st_mtime
     except FileNotFoundError:
@@ -110,7 +116,8 @@ def summary(study: Study, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def _entry(cell: Cell, record: dict[str, Any]) -> dict[str, Any]:
     keys = ("job_id", "reason", "traceback", "log") if record["state"] == "failed" else ("job_id",)
-    return {"cell_id": cell.id, **cell.axes, "state": record["state"], **{k: record[k] for k in keys if record.get(k)}}
+    return {"cell_id": cell.id, **cell.axes, "seed": cell.seed, "state": record["state"],
+            **{k: record[k] for k in keys if record.get(k)}}
 
 
 def log_tail(record: dict[str, Any], cell_dir: Path, lines: int = LOG_LINES) -> tuple[Path | None, list[str]]:
@@ -128,12 +135,15 @@ def log_tail(record: dict[str, Any], cell_dir: Path, lines: int = LOG_LINES) -> 
 
 def _print_summary(study: Study, report: dict[str, Any]) -> None:
     print(f"study {study.name}: {report['total']} cells in {study.dir}")
-    for axis in AXES:
+    for axis in (*AXES, "seed"):
         counts = Counter(getattr(c, axis) for c in study.cells)
         print(f"  {axis:9s} {len(counts):4d}: " + ", ".join(f"{name} ({n})" for name, n in counts.items()))
     print("  states: " + _counts(report["by_state"]))
+    from benchmark.cost import describe
+
+    print("\n".join(f"  {line}" for line in describe(report["estimate"])))
     for entry in report["cells"][:TABLE_ROWS]:
-        print(f"  {entry['cell_id']}  {entry['state']:8s} " + " ".join(entry[a] for a in AXES))
+        print(f"  {entry['cell_id']}  {entry['state']:8s} " + " ".join(entry[a] for a in AXES) + f" seed{entry['seed']}")
     if report["total"] > TABLE_ROWS:
         print(f"  ... {report['total'] - TABLE_ROWS} more (--format json lists every cell)")
 
@@ -168,8 +178,12 @@ def _print_failed(study: Study, failed: list[Cell], states: dict[str, dict[str, 
 # --- commands ---------------------------------------------------------------------------------
 
 def plan_command(args: argparse.Namespace) -> int:
+    """The study's cells, their states and the cost estimate of its cells (benchmark.cost)."""
+    from benchmark.cost import estimate
+
     study = plan(args.overrides)
-    report = summary(study, cell_states(study))
+    states = cell_states(study)
+    report = {**summary(study, states), "estimate": estimate(study, states)}
     if args.format == "json":
         print(json.dumps(report, indent=2))
     else:
@@ -212,10 +226,13 @@ def _submit(study: Study, wanted: Callable[[str], bool], wait: bool) -> int:
 
 
 def _check_inputs(study: Study) -> None:
-    """Every dataset prepared and every weights file present, before any cell is launched."""
-    from benchmark import data, models  # torch: only when something is launched
+    """Every dataset prepared, every weights file present and every condition runnable, before
+    any cell is launched."""
+    from benchmark import data, evaluate, models  # torch: only when something is launched
 
     runtime = study.config["paths"]
+    for eval_cfg in {cell_id(c.config["eval"]): c.config["eval"] for c in study.cells}.values():
+        evaluate.check_conditions(eval_cfg)
     for config in {c.dataset: c.config["dataset"] for c in study.cells}.values():
         data.require_prepared(config, Path(runtime["data"]))
     for config in {c.model: c.config["model"] for c in study.cells}.values():

@@ -66,3 +66,36 @@ def test_cell_config_is_written_once_and_read_back(tmp_path: Path):
     before = os.stat(tmp_path / cells.CONFIG_FILE).st_mtime_ns
     cells.write_config(cell, tmp_path, "demo")
     assert os.stat(tmp_path / cells.CONFIG_FILE).st_mtime_ns == before
+
+
+def test_grid_ids_are_the_hashes_of_the_whole_configs():
+    """Keys that sort otherwise once quoted and escaped ("a" < "a!" but '"a":' > '"a!":'; "é"
+    after "z" but escaped before), non-ASCII values, nested unsorted dicts, numbers of every
+    kind: each id is cell_id of the whole config."""
+    choices = {
+        "b": [{"z": 1, "a": [1.5, None, True]}, {"é": "ü\n\"", "a": {"y": 2, "x": 1e-7}}],
+        "a": [0, -1, 2**70],
+        "a!": ["x", 3],
+        "é": [{}],
+        "z": [[], "\u2603"],
+    }
+    configs = list(cells.grid(choices))
+    assert len(configs) == 2 * 3 * 2 * 1 * 2
+    for id_, config in configs:
+        assert list(config) == list(choices) and id_ == cells.cell_id(config)
+    # product order: the first key varies slowest
+    assert [config["z"] for _, config in configs[:2]] == [[], "\u2603"]
+
+
+def test_a_cells_slug_names_its_axes_and_seed():
+    cell = plan(["study=demo", "model=test_vit.demo", "loss=trades", "protocol=lp50", "seed=3"]).cells[0]
+    assert cell.seed == 3 and cell.slug == "digits__test_vit.demo__trades__lp50__seed3"
+
+
+def test_only_cells_with_a_directory_are_listed(tmp_path: Path):
+    assert cells.cells_with_directory(tmp_path) == set()
+    study = plan(["study=demo"])
+    for cell in study.cells[:2]:
+        cell.directory(tmp_path).mkdir(parents=True)
+    (tmp_path / cells.CELLS_DIR / "stray-file").write_text("")
+    assert cells.cells_with_directory(tmp_path) == {c.id for c in study.cells[:2]}

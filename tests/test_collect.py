@@ -118,6 +118,36 @@ def test_the_latest_attempt_of_a_cell_replaces_its_rows(study: Path):
     assert (cell["attempts"], cell["requeues"], cell["truncated"], cell["truncation"]) == (3, 2, True, "clean 190/200")
 
 
+def test_cells_of_several_seeds_are_collected_side_by_side(tmp_path: Path):
+    """Two seeds of each grid point: same axes, different cells; the wide table keeps them
+    apart, the analysis averages them (and says so); rows without a seed are accepted."""
+    from analysis.data import AnalysisWarning, prepare
+
+    study_dir = tmp_path / STUDY
+    cells = plan(["study=demo", "model=test_resnet.demo", "protocol=fft5", "seed=0,1"]).cells
+    for cell in cells:
+        write_config(cell, cell.directory(study_dir), STUDY)
+        # made-up counts: the seeds' clean accuracies differ (90/100 and 140/150)
+        results.write_rows(cell.directory(study_dir) / ROWS_FILE, rows(cell, {"clean": 100 + 50 * cell.seed}))
+    report = collect(study_dir)
+    assert (report.cells, report.measurements, report.problems) == (4, 20, [])
+    measurements, collected = tables(study_dir)
+    assert sorted(zip(collected["loss"].to_pylist(), collected["seed"].to_pylist())) == [
+        ("classic_at", 0), ("classic_at", 1), ("trades", 0), ("trades", 1)]
+    assert set(collected["slug"].to_pylist()) == {c.slug for c in cells}
+    long = measurements.to_pandas()
+    assert len(results.wide(long)) == 4  # one row per cell, two per grid point
+    with pytest.warns(AnalysisWarning, match="averaged"):
+        averaged = prepare(long)
+    assert len(averaged) == 10 and set(averaged["n_seeds"]) == {2}
+    clean = averaged[averaged["condition"] == "clean"]["accuracy"]
+    assert clean.tolist() == [((100 - 10) / 100 + (150 - 10) / 150) / 2] * 2
+
+    unseeded = _set_rows("seed", None)  # imported rows carry no seed
+    unseeded(cells[0].directory(study_dir))
+    assert collect(study_dir).problems == []
+
+
 def _set_rows(column: str, value: object) -> Callable[[Path], None]:
     """A damage: every row of the cell's file gets `value` in `column` (written atomically)."""
     def damage(cell_dir: Path) -> None:
@@ -137,6 +167,7 @@ def _edit_config(old: str, new: str) -> Callable[[Path], None]:
 DAMAGE = {
     "rows of another study": (_set_rows("study", "paper"), "rows.parquet: foreign rows: study ['paper']"),
     "rows of another model": (_set_rows("model", "resnet50.a1_in1k"), "rows.parquet: foreign rows: model ['resnet50.a1_in1k']"),
+    "rows of another seed": (_set_rows("seed", 1), "rows.parquet: foreign rows: seed [1], this cell's is 0"),
     "a condition twice": (_set_rows("condition", "clean"), "rows.parquet: conditions ['clean'] appear more than once"),
     "a null accuracy": (_set_rows("accuracy", None), "rows.parquet: incomplete rows: null accuracy"),
     "no rows": (lambda d: results.write_table(d / ROWS_FILE, results.ROW_SCHEMA.empty_table()), "rows.parquet: no rows"),

@@ -91,10 +91,66 @@ def test_bad_names_are_refused_with_the_closest_choice_first(override, named, su
     assert suggested in message.split("choices")[-1].split(",")[0] or suggested in message
 
 
-@pytest.mark.parametrize("override", ["dataset=[oops", "datasetoops", "seed=1,2"])
+@pytest.mark.parametrize("override", ["dataset=[oops", "datasetoops", "eval.linf.eps=0.1,0.2"])
 def test_malformed_overrides_are_refused(override):
     with pytest.raises(RFTBenchError, match="override"):
         plan([override])
+
+
+def test_a_seed_sweep_plans_one_cell_per_seed_per_grid_point():
+    default = plan(["study=demo"])
+    swept = plan(["study=demo", "seed=0,1,2"])
+    assert len(swept.cells) == 3 * len(default.cells) and len({c.id for c in swept.cells}) == len(swept.cells)
+    assert [c.id for c in swept.cells if c.seed == 0] == [c.id for c in default.cells]  # seed 0 keeps its ids
+    for i, cell in enumerate(default.cells):  # a grid point's seeds are adjacent
+        point = swept.cells[3 * i:3 * i + 3]
+        assert [c.seed for c in point] == [0, 1, 2] and {c.axes == cell.axes for c in point} == {True}
+        assert len({c.slug for c in point}) == 3 and point[1].slug.endswith("__seed1")
+    point = ["study=demo", "model=test_vit.demo", "protocol=fft5"]
+    ranged = plan([*point, "seed=range(5,9)"])
+    assert [c.seed for c in ranged.cells] == [5, 6, 7, 8] * 2  # two losses, four seeds each
+    listed = plan([*point, "seed=5,6,5,7,8"])  # each seed once
+    assert [c.id for c in listed.cells] == [c.id for c in ranged.cells]
+    one = plan(["study=demo", "seed=5"])
+    assert {c.seed for c in one.cells} == {5} and not {c.id for c in one.cells} & {c.id for c in swept.cells}
+
+
+def test_the_paper_study_swept_over_70_seeds_has_100800_cells():
+    study = plan(["study=paper", "seed=range(70)"])
+    assert len(study.cells) == 100_800 == len({c.id for c in study.cells})
+    assert Counter(c.seed for c in study.cells) == dict.fromkeys(range(70), 1440)
+
+
+@pytest.mark.parametrize(("override", "shown"), [
+    ("seed=abc", "'abc'"), ("seed=-1", "-1"), ("seed=1.5", "1.5"), ("seed=true", "True"),
+    ("seed=range(0)", "no seed"), ("seed=range(0,2,0.5)", "0.5"), ("seed=glob(*)", "Glob("),
+    ("seed=interval(0,1)", "IntervalSweep"),
+])
+def test_bad_seeds_are_refused_with_the_value(override, shown):
+    with pytest.raises(RFTBenchError, match="a seed is an integer >= 0") as err:
+        plan(["study=demo", override])
+    assert override in str(err.value) and shown in str(err.value)
+
+
+def test_every_cell_id_is_the_hash_of_its_whole_config():
+    """plan() assembles ids from each option's JSON: the bytes must be json.dumps' of the whole
+    config, whatever the options, patches and seeds."""
+    study = plan(["study=paper", *(f"{axis}=glob(*)" for axis in AXES), "loss.trades_beta=6",
+                  "protocol.optimizer.lr_head=0.5", "+model.note='é \\ \"q\"'", "eval.linf.eps=0.03", "seed=0,7"])
+    assert len(study.cells) > 7000
+    assert all(c.id == cell_id(c.config) for c in study.cells)
+    assert {c.config["model"]["note"] for c in study.cells} == {'é \\ "q"'}  # escaped in the JSON
+
+
+@pytest.mark.parametrize("group", ["dataset", "model", "loss", "protocol", "eval", "study", "launcher"])
+def test_options_load_as_omegaconf_loads_them(group):
+    from omegaconf import OmegaConf
+
+    from benchmark.paths import CONF_DIR
+
+    for name in options(group):
+        expected = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{name}.yaml"), resolve=True)
+        assert json.dumps(load_option(group, name)) == json.dumps(expected), name  # 1 and 1.0 differ here
 
 
 def test_cli_plan_json_and_bad_input_exit_code(roots, capsys):
@@ -103,7 +159,7 @@ def test_cli_plan_json_and_bad_input_exit_code(roots, capsys):
     assert main(["plan", "study=demo", "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["total"] == 12 and report["by_state"] == {"pending": 12}
-    assert set(report["cells"][0]) == {"cell_id", "dataset", "model", "loss", "protocol", "state"}
+    assert set(report["cells"][0]) == {"cell_id", "dataset", "model", "loss", "protocol", "seed", "state"}
     assert main(["plan", "study=demo", "model=resnet"]) == 2
     assert "unknown model 'resnet'" in capsys.readouterr().err
     assert not any(roots["results"].iterdir())  # nothing written

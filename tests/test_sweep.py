@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmark import cell as cells
+from benchmark import results
 from benchmark.cli import main
 from benchmark.study import plan
 from benchmark.cell import HEARTBEAT_FILE
@@ -113,7 +114,7 @@ def test_status_counts_states_and_shows_failed_cells_with_reason_traceback_and_l
     failed = entries[study.cells[1].id]
     assert failed["reason"].startswith("NonFiniteLossError") and failed["traceback"].startswith("Traceback")
     assert "no heartbeat" in entries[study.cells[2].id]["reason"]
-    assert set(entries[study.cells[4].id]) == {"cell_id", "dataset", "model", "loss", "protocol", "state"}
+    assert set(entries[study.cells[4].id]) == {"cell_id", "dataset", "model", "loss", "protocol", "seed", "state"}
 
     assert main(["status", "study=demo", "model=test_resnet.demo"]) == 0
     text = capsys.readouterr().out
@@ -122,6 +123,30 @@ def test_status_counts_states_and_shows_failed_cells_with_reason_traceback_and_l
     assert "reason: NonFiniteLossError: the loss is not finite" in text
     assert "log line 19" in text and "log line 14" not in text  # the last lines of its log
     assert "rftbench resume study=demo launcher=local" in text
+
+
+def test_status_of_a_seed_sweep_reads_only_the_cells_that_have_a_directory(roots, capsys, monkeypatch):
+    overrides = [*TWO_CELLS, "seed=0,1,2"]
+    study = plan(overrides)
+    by_seed = {(c.model, c.loss, c.seed): c for c in study.cells}
+    done, failed = by_seed["test_resnet.demo", "trades", 1], by_seed["test_resnet.demo", "classic_at", 2]
+    for cell in (done, failed):
+        cells.write_config(cell, cell.directory(study.dir), study.name)
+    (done.directory(study.dir) / cells.ROWS_FILE).write_bytes(b"")
+    cells.write_state(failed.directory(study.dir), "failed", reason="boom")
+    read = []
+    read_state = cells.read_state
+    monkeypatch.setattr(cells, "read_state", lambda cell_dir: read.append(cell_dir.name) or read_state(cell_dir))
+
+    assert main(["status", *overrides, "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sorted(read) == sorted([done.id, failed.id])  # the 4 others have no directory to read
+    assert report["total"] == 6 and report["by_state"] == {"done": 1, "failed": 1, "pending": 4}
+    entries = {(e["loss"], e["seed"]): e["state"] for e in report["cells"]}
+    assert entries[("trades", 1)] == "done" and entries[("classic_at", 2)] == "failed"
+    assert entries[("trades", 0)] == entries[("trades", 2)] == "pending"
+    assert main(["status", *overrides]) == 0
+    assert "test_resnet.demo__classic_at__fft5__seed2" in capsys.readouterr().out  # the failed cell's slug
 
 
 def test_launch_and_resume_never_touch_a_cell_a_worker_is_writing(roots, capsys):
@@ -217,9 +242,25 @@ def test_job_ids_are_cancelled_in_compact_ranges():
     [
         ("model=deit_tiny_patch16_224.fb_in1k", "rftbench fetch-weights study=paper model=deit_tiny_patch16_224.fb_in1k"),
         ("dataset=flowers102", "rftbench prepare-data dataset=flowers102"),
+        ("eval.linf.norm=Linf3", "unknown AutoAttack norm (condition linf) 'Linf3'"),
+        ("eval.common.corruptions=[fogg]", "unknown corruption 'fogg'"),
     ],
 )
 def test_launch_refuses_missing_inputs_before_writing_anything(roots, capsys, override, message):
     assert main(["launch", "study=demo", override]) == 2
     assert message in capsys.readouterr().err
     assert not any(roots["results"].rglob("*"))
+
+
+@pytest.mark.slow  # makes the demo weights, then trains two tiny cells: minutes on a busy CPU
+def test_a_two_seed_study_runs_end_to_end(roots, capsys):
+    overrides = ["study=demo", "model=test_resnet.demo", "loss=classic_at", "protocol=lp50",
+                 "protocol.epochs=1", "eval=[clean]", "seed=0,1"]
+    assert main(["launch", *overrides, "--wait"]) == 0
+    study = plan(overrides)
+    assert "collected 2 measurements of 2 cells" in capsys.readouterr().out
+    rows = results.load(study.name)
+    assert sorted(rows["seed"]) == [0, 1] and rows[["dataset", "model", "loss", "protocol"]].nunique().max() == 1
+    assert dict(zip(rows["seed"], rows["cell_id"])) == {c.seed: c.id for c in study.cells}
+    assert main(["launch", *overrides]) == 0
+    assert "nothing to launch (2 cells: done 2)" in capsys.readouterr().out
