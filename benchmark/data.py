@@ -26,6 +26,7 @@ their path in the source before splitting, so the same files give the same split
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -44,9 +45,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from scipy.io import loadmat
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import Flowers102
@@ -57,6 +55,9 @@ from benchmark.atomic import write_json_atomic
 from benchmark.errors import RFTBenchError, unknown_choice
 from benchmark.paths import PROJECT_DIR, root
 from benchmark.study import load_option, options
+
+# scipy and scikit-learn serve only the preparation of raw layouts and are imported there: they
+# would add seconds to the start of every worker, which loads prepared data only.
 
 LAYOUT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -125,6 +126,8 @@ def _read_fgvc_aircraft(base: Path) -> _Raw:
 
 def _read_flowers102(base: Path) -> _Raw:
     """As torchvision's Flowers102 (whose reader checks the .mat files' md5, so not used)."""
+    from scipy.io import loadmat
+
     labels = np.atleast_1d(loadmat(base / "imagelabels.mat", squeeze_me=True)["labels"])
     set_ids = loadmat(base / "setid.mat", squeeze_me=True)
     items = []
@@ -152,6 +155,8 @@ def _read_oxford_pet(base: Path) -> _Raw:
 
 def _read_stanford_cars(base: Path) -> _Raw:
     """As torchvision's StanfordCars: label = annotation `class` - 1, names from cars_meta.mat."""
+    from scipy.io import loadmat
+
     meta = loadmat(base / "devkit" / "cars_meta.mat", squeeze_me=True)
     classes = [str(name) for name in np.atleast_1d(meta["class_names"])]
     items = []
@@ -167,6 +172,8 @@ def _read_stanford_cars(base: Path) -> _Raw:
 
 def _export_digits(folder: Path) -> Path:
     """scikit-learn's 8x8 digits (values 0..16) as an ImageFolder of RGB PNGs under `folder`."""
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     pixels = np.rint(digits.images * (255 / 16)).astype(np.uint8)
     for i, (image, label) in enumerate(zip(pixels, digits.target)):
@@ -253,6 +260,8 @@ def split_rule(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def _stratified(labels: np.ndarray, idx: np.ndarray, seed: int, **size: float) -> tuple[np.ndarray, ...]:
     """scikit-learn's stratified split of the positions `idx`, each part sorted."""
+    from sklearn.model_selection import train_test_split
+
     try:
         parts = train_test_split(idx, stratify=labels[idx], random_state=seed, **size)
     except ValueError as err:
@@ -463,16 +472,26 @@ def _augmentation(augment: dict[str, Any]) -> list[v2.Transform]:
     return steps
 
 
+@functools.lru_cache(maxsize=len(SPLITS))
+def _decoded(files: tuple[Path, ...], size: int, content_key: str) -> Tensor:
+    """The files decoded into one uint8 (N, 3, size, size) tensor, never written to. The last
+    dataset's splits are kept: the local launcher runs a study's cells one after another in one
+    process, and each cell would decode the same dataset again. `content_key` stands for the
+    files' content, so a dataset prepared anew in place is decoded anew."""
+    return torch.stack([_decode(f, size) for f in files])
+
+
 class ImageDataset(Dataset):
     """One split: items `(x, y)`, x float32 (3, S, S) in [0, 1] (not normalised: the model does
-    that, so attacks work in pixel space), y the int label. Small splits are decoded once."""
+    that, so attacks work in pixel space), y the int label. Small splits are decoded once per
+    process (`_decoded`); `content_key` identifies the files' content (e.g. a checksum of it)."""
 
     def __init__(self, files: list[Path], labels: list[int], size: int,
-                 augmentation: Sequence[v2.Transform] = ()) -> None:
+                 augmentation: Sequence[v2.Transform] = (), *, content_key: str) -> None:
         self.files, self.labels, self.size = files, labels, size
         self.transform = v2.Compose([*augmentation, v2.ToDtype(torch.float32, scale=True)])
         small = 0 < len(files) * 3 * size * size <= CACHE_BYTES
-        self.cache = torch.stack([_decode(f, size) for f in files]) if small else None
+        self.cache = _decoded(tuple(files), size, content_key) if small else None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -548,8 +567,10 @@ def load_splits(dataset_cfg: dict[str, Any], data_root: Path | None = None) -> S
 
     def split(name: str, steps: Sequence[v2.Transform] = ()) -> ImageDataset:
         chosen = [row for row in rows if row["split"] == name]
+        # The index's checksum covers every file's sha256 (checked against the manifest above).
         return ImageDataset([directory / row["path"] for row in chosen],
-                            [int(row["label"]) for row in chosen], size, steps)
+                            [int(row["label"]) for row in chosen], size, steps,
+                            content_key=manifest["index_sha256"])
 
     return Splits(split("train", augmentation), split("val"), split("test"),
                   manifest["num_classes"], manifest["class_names"])

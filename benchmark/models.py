@@ -27,8 +27,6 @@ import timm
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import LocalEntryNotFoundError
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from benchmark.atomic import write_atomic, write_json_atomic
@@ -228,6 +226,9 @@ def _demo_weights_cached(path: Path) -> bool:
 
 
 def _digits_source() -> tuple[torch.Tensor, torch.Tensor]:
+    # scikit-learn only here: importing it would add seconds to every worker's start.
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     keep = digits.target < DEMO_RECIPE["classes"]
     x = torch.tensor(digits.images[keep] / 16.0, dtype=torch.float32).unsqueeze(1)
@@ -236,6 +237,8 @@ def _digits_source() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _pretrain_on_digits(model_cfg: dict[str, Any]) -> tuple[nn.Module, float, dict[str, int]]:
+    from sklearn.model_selection import train_test_split
+
     recipe = DEMO_RECIPE
     torch.manual_seed(recipe["seed"])
     x, y = _digits_source()

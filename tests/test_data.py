@@ -281,6 +281,18 @@ def test_uncached_loading_matches_cached(prepared, roots, monkeypatch):
     assert torch.equal(data.load_tensors(cached.val)[0], data.load_tensors(uncached.val)[0])
 
 
+def test_decoded_pixels_are_shared_until_the_dataset_is_prepared_anew(prepared, roots):
+    first, again = (data.load_splits(prepared.cfg, roots["data"]) for _ in range(2))
+    assert again.train.cache is first.train.cache  # the next cell of a local sweep decodes nothing
+    image = next((prepared.source / "UCMerced_LandUse" / "Images").rglob("*.tif"))
+    Image.fromarray(np.zeros((10, 12, 3), dtype=np.uint8)).save(image)
+    data.prepare(prepared.cfg, prepared.source, roots["data"])
+    anew = data.load_splits(prepared.cfg, roots["data"])
+    changed = [int((getattr(anew, split).cache != getattr(first, split).cache).flatten(1).any(1).sum())
+               for split in data.SPLITS]
+    assert sum(changed) == 1  # the image replaced, decoded anew
+
+
 def test_digits_prepare_themselves(roots):
     cfg = load_option("dataset", "digits")
     splits = data.load_splits(cfg, roots["data"])
