@@ -76,33 +76,44 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, steps
     increased its loss, or when its step size was not halved at the previous checkpoint and its
     best loss has not improved since. (The reference compares the first step against a zero
     placeholder; here it is compared against the loss at `x`, as in the paper.)
+
+    The loss is evaluated steps + 1 times, but the last iterate's gradient would never be used:
+    that pass runs forward only. Image-sized arithmetic is pyautoattack's, operation for
+    operation, done in place in buffers of this call (the result is bit-identical).
     """
     x = x.detach()
     shape = (-1,) + (1,) * (x.dim() - 1)  # broadcasts a per-example value over an image
     loss_of = objective_fn(objective, clean_logits)
-    project = partial(_project, x=x, eps=eps, norm=norm)
+    project = _projector(x, eps, norm)
     checkpoint_length = max(int(0.22 * steps), 1)
     min_length, decrement = max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
 
-    x_adv = _start(x, eps, norm, objective, random_start=False)
+    x_adv = _start(x, project, eps, norm, objective, random_start=False)
     loss, grad = _loss_and_grad(model, x_adv, y, loss_of)
     losses = loss.new_empty(steps + 1, x.shape[0])  # losses[i] = loss after i steps
     losses[0] = loss
-    x_best, loss_best, grad_best = x_adv, loss, grad
+    x_best, loss_best, grad_best = x_adv.clone(), loss, grad.clone()
     step_size = torch.full((x.shape[0],), 2.0 * eps, device=x.device)
     x_prev = x_adv
     best_at_checkpoint, halved_at_checkpoint = loss_best, torch.ones_like(loss_best, dtype=torch.bool)
     since_checkpoint = 0
     for i in range(steps):
-        momentum = 0.75 if i > 0 else 1.0
-        z = project(x_adv + step_size.view(shape) * _ascent_direction(grad, norm))
-        x_prev, x_adv = x_adv, project(x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_prev))
-        loss, grad = _loss_and_grad(model, x_adv, y, loss_of)
+        last, momentum = i == steps - 1, 0.75 if i > 0 else 1.0
+        z = project(_ascent_direction(grad, norm).mul_(step_size.view(shape)).add_(x_adv))
+        # x_adv + momentum * (z - x_adv) + (1 - momentum) * (x_adv - x_prev), in z's buffer. On
+        # the first step x_prev is x_adv: the last term is 0 and adding it would change nothing.
+        z.sub_(x_adv).mul_(momentum).add_(x_adv)
+        if i > 0:
+            z.add_(torch.sub(x_adv, x_prev).mul_(1 - momentum))
+        x_prev, x_adv = x_adv, project(z)
+        loss, grad = _loss_and_grad(model, x_adv, y, loss_of, with_grad=not last)
         losses[i + 1] = loss
         improved = loss > loss_best
-        x_best = torch.where(improved.view(shape), x_adv, x_best)
-        grad_best = torch.where(improved.view(shape), grad, grad_best)
+        torch.where(improved.view(shape), x_adv, x_best, out=x_best)
         loss_best = torch.where(improved, loss, loss_best)
+        if last:  # the checkpoint below only steers later steps
+            break
+        torch.where(improved.view(shape), grad, grad_best, out=grad_best)
 
         since_checkpoint += 1
         if since_checkpoint == checkpoint_length:
@@ -110,8 +121,8 @@ def apgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, steps
             increases = (window[1:] > window[:-1]).sum(0)
             halve = (increases <= 0.75 * checkpoint_length) | (~halved_at_checkpoint & (best_at_checkpoint >= loss_best))
             step_size = torch.where(halve, step_size / 2, step_size)
-            x_adv = torch.where(halve.view(shape), x_best, x_adv)
-            grad = torch.where(halve.view(shape), grad_best, grad)
+            torch.where(halve.view(shape), x_best, x_adv, out=x_adv)
+            grad = torch.where(halve.view(shape), grad_best, grad)  # autograd's tensor: not ours to overwrite
             best_at_checkpoint, halved_at_checkpoint = loss_best, halve
             checkpoint_length = max(checkpoint_length - decrement, min_length)
             since_checkpoint = 0
@@ -124,10 +135,11 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str, steps:
     onto the eps-ball and [0, 1]; returns the last iterate. See `_start` for the start."""
     x = x.detach()
     loss_of = objective_fn(objective, clean_logits)
-    x_adv = _start(x, eps, norm, objective, random_start)
+    project = _projector(x, eps, norm)
+    x_adv = _start(x, project, eps, norm, objective, random_start)
     for _ in range(steps):
         _, grad = _loss_and_grad(model, x_adv, y, loss_of)
-        x_adv = _project(x_adv + step_size * _ascent_direction(grad, norm), x, eps, norm)
+        x_adv = project(_ascent_direction(grad, norm).mul_(step_size).add_(x_adv))
     return x_adv
 
 
@@ -164,12 +176,16 @@ def make_attack(attack_cfg: dict[str, Any]) -> Attack:
     return attack
 
 
-def _loss_and_grad(model: nn.Module, x_adv: Tensor, y: Tensor, loss_of: Objective) -> tuple[Tensor, Tensor]:
-    """Per-example loss at `x_adv` and its gradient with respect to `x_adv` only."""
+def _loss_and_grad(model: nn.Module, x_adv: Tensor, y: Tensor, loss_of: Objective,
+                   with_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Per-example loss at `x_adv` and, if `with_grad`, its gradient with respect to `x_adv`
+    only. Without it the forward pass still runs under autograd and its graph is dropped: some
+    kernels take another algorithm when autograd is off (CoAtNet's fused attention on the CPU
+    does), and the loss must equal the one the gradient pass computes, bit for bit."""
     x_adv = x_adv.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = loss_of(model(x_adv), y)
-        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+        grad = torch.autograd.grad(loss.sum(), x_adv)[0] if with_grad else None
     return loss.detach(), grad
 
 
@@ -181,22 +197,32 @@ def _norm(v: Tensor, norm: str) -> Tensor:
 
 
 def _ascent_direction(grad: Tensor, norm: str) -> Tensor:
-    """The steepest-ascent step of unit size: sign for Linf, the normalised gradient for L2."""
+    """The steepest-ascent step of unit size, in a new tensor: sign for Linf, the normalised
+    gradient for L2."""
     return grad.sign() if norm == "Linf" else grad / (_norm(grad, "L2") + 1e-12)
 
 
-def _project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
-    """Onto the eps-ball around x, then into [0, 1]. For L2 the ball projection rescales the
-    perturbation, with pyautoattack's exact arithmetic; clipping to [0, 1] afterwards only
-    moves coordinates towards x, so the result stays in the ball."""
+def _projector(x: Tensor, eps: float, norm: str) -> Callable[[Tensor], Tensor]:
+    """Projection onto the eps-ball around x, then into [0, 1], overwriting its argument.
+
+    Linf: the two clamps are one clamp to the intersection of the box and the ball, whose
+    bounds are computed once (a clamp only selects values, so this is exact for x in [0, 1]).
+    L2: the perturbation is rescaled with pyautoattack's exact arithmetic; clipping to [0, 1]
+    afterwards only moves coordinates towards x, so the result stays in the ball."""
     if norm == "Linf":
-        return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
-    delta = x_adv - x
-    length = _norm(delta, "L2")
-    return (x + delta / (length + 1e-12) * length.clamp(max=eps)).clamp(0.0, 1.0)
+        low, high = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
+        return lambda v: v.clamp_(low, high)
+
+    def project_l2(v: Tensor) -> Tensor:
+        delta = v.sub_(x)
+        length = _norm(delta, "L2")
+        return delta.div_(length + 1e-12).mul_(length.clamp(max=eps)).add_(x).clamp_(0.0, 1.0)
+
+    return project_l2
 
 
-def _start(x: Tensor, eps: float, norm: str, objective: str, random_start: bool) -> Tensor:
+def _start(x: Tensor, project: Callable[[Tensor], Tensor], eps: float, norm: str, objective: str,
+           random_start: bool) -> Tensor:
     """The first iterate. A random start is uniform in the Linf ball, or a uniformly random
     direction at radius eps for L2. Otherwise x itself, except for the kl objective, whose
     gradient is zero at x: it starts at x + 0.001 * N(0, 1), as TRADES' reference code does."""
@@ -210,4 +236,4 @@ def _start(x: Tensor, eps: float, norm: str, objective: str, random_start: bool)
         offset = 0.001 * torch.randn_like(x)
     else:
         return x.clone()
-    return _project(x + offset, x, eps, norm)
+    return project(offset.add_(x))

@@ -1,5 +1,6 @@
 """Training attacks: results stay in the eps-ball and [0, 1], raise the loss, fill no parameter
-gradient, work with frozen parameters, and APGD matches pyautoattack's own APGD started at x."""
+gradient, work with frozen parameters, and APGD matches pyautoattack's own APGD started at x bit
+for bit (a CNN and a ViT) while skipping the backward pass of its last iterate."""
 from __future__ import annotations
 
 import re
@@ -56,8 +57,13 @@ def test_result_in_ball_and_range_and_loss_rises(model, batch, norm, name):
 
 
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
-def test_apgd_matches_pyautoattack_started_at_x(model, batch, norm):
+@pytest.mark.parametrize("arch", [{"model_name": "test_resnet"}, {"model_name": "test_vit", "img_size": 32}],
+                         ids=["test_resnet", "test_vit"])
+def test_apgd_matches_pyautoattack_started_at_x(batch, arch, norm):
+    """pyautoattack also computes the last iterate's gradient, which ours skips: same result."""
     x, y = batch
+    torch.manual_seed(0)
+    model = timm.create_model(**arch, num_classes=10).eval()
     reference = APGDAttack(model, n_iter=10, norm=norm, eps=EPS[norm], loss="ce", rho=0.75, device=x.device)
     reference.init_hyperparam(x)
     expected_best, _, expected_loss, _ = reference.attack_single_run(x, y, x_init=x)
@@ -65,6 +71,26 @@ def test_apgd_matches_pyautoattack_started_at_x(model, batch, norm):
     assert torch.equal(x_adv, expected_best)  # same arithmetic: bit for bit
     with torch.no_grad():
         torch.testing.assert_close(F.cross_entropy(model(x_adv), y, reduction="none"), expected_loss)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_apgd_runs_steps_plus_one_forward_passes_and_steps_backward_passes(model, batch, norm):
+    """The last iterate's loss only decides the best point: its gradient is never computed."""
+    passes = {"forward": 0, "backward": 0}
+
+    def count_backward(grad: torch.Tensor) -> None:
+        passes["backward"] += 1
+
+    def count_forward(module: torch.nn.Module, inputs: tuple, logits: torch.Tensor) -> None:
+        passes["forward"] += 1
+        logits.register_hook(count_backward)
+
+    handle = model.register_forward_hook(count_forward)
+    try:
+        apgd(model, *batch, eps=EPS[norm], norm=norm, steps=10)
+    finally:
+        handle.remove()
+    assert passes == {"forward": 11, "backward": 10}
 
 
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
