@@ -26,7 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from benchmark import cell as cells
-from benchmark.cell import AXES, Cell, cell_id
+from benchmark.cell import AXES, Cell
 from benchmark.study import Study, plan
 
 TABLE_ROWS = 40  # cells listed in the text output; --format json lists all
@@ -231,7 +231,8 @@ def _check_inputs(study: Study) -> None:
     from benchmark import data, evaluate, models  # torch: only when something is launched
 
     runtime = study.config["paths"]
-    for eval_cfg in {cell_id(c.config["eval"]): c.config["eval"] for c in study.cells}.values():
+    # Planned cells share their eval node: keyed by object, not by a serialisation per cell.
+    for eval_cfg in {id(c.config["eval"]): c.config["eval"] for c in study.cells}.values():
         evaluate.check_conditions(eval_cfg)
     for config in {c.dataset: c.config["dataset"] for c in study.cells}.values():
         data.require_prepared(config, Path(runtime["data"]))
