@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install only when the declared dependencies change.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean-demo
+.PHONY: setup demo test test-fast bench gpu-check clean-demo
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python -m benchmarks
+
+# On a GPU node, with an existing CUDA interpreter and a wheel folder (README: GPU check); no setup.
+gpu-check:
+	bash scripts/gpu-check.sh
 
 clean-demo:
 	rm -rf results/demo

@@ -17,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis.data import CELL, CONDITIONS, CONFIGURATION, AnalysisWarning, ordered
+from analysis.data import CELL, CONFIGURATION, AnalysisWarning, ordered, preferred
 from benchmark.cell import EXAMPLES_FILE
 from benchmark.collect import CELLS_DIR
 
@@ -57,7 +57,7 @@ def _scores(examples: pa.Table) -> pd.DataFrame:
 
 def _resample(examples: pd.DataFrame, cell_id: str, n_resamples: int, seed: int) -> pd.DataFrame:
     scores = examples.pivot(index="condition", columns="index", values="score")
-    scores = scores.loc[ordered(scores.index, CONDITIONS)].astype(float)
+    scores = scores.loc[ordered(scores.index, preferred("condition"))].astype(float)
     measured = scores.notna().to_numpy(float)  # a condition may cover fewer examples
     hits = scores.fillna(0.0).to_numpy()
     n = hits.shape[1]

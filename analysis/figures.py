@@ -1,5 +1,7 @@
 """The study's figures, each drawn from exactly one table (the one the report saves beside it),
-with its labels taken from that table's own index and columns, never from a parallel list.
+with its labels taken from that table's own index and columns, never from a parallel list, and
+its levels (losses, conditions, size classes) from the table's values: a study with a third loss
+draws three.
 
 Figures are built with matplotlib's object API (no pyplot state): they render headless (Agg)
 when saved and display inline in a notebook.
@@ -12,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from analysis.data import LEVEL_ORDER, Skip, condition_label, levels, ordered
+from analysis.data import Skip, label, levels, ordered, preferred
 
 POINTS = "configurations"  # gid of the scatter collections holding one point per configuration
 SIZES = {"small": 30.0, "medium": 80.0, "large": 160.0}
 MARKERS = {"convolutional": "o", "attention": "^", "hybrid": "s"}
 EXTRA_MARKERS = ("D", "v", "P", "X")
-LOSS_EDGES = {"classic_at": "black", "trades": "none"}
-LOSS_COLOURS = {"classic_at": "tab:blue", "trades": "tab:orange"}
+LOSS_EDGES = ("black", "none", "dimgray", "gold", "tab:cyan")  # the study's losses in order, cycled
 DEGENERATE_COLOUR = "red"
 INTERVALS = ("clean_low", "clean_high", "robust_low", "robust_high")
 FORMATS = ("png", "pdf")
@@ -51,7 +53,7 @@ def scatter(ranking: pd.DataFrame) -> Figure:
     markers = _mapping(levels(ranking, "type"), MARKERS, EXTRA_MARKERS)
     sizes = _mapping(levels(ranking, "size"), SIZES, (50.0,))
     colours = _palette(levels(ranking, "pretraining"))
-    edges = _mapping(levels(ranking, "loss"), LOSS_EDGES, ("dimgray", "gold"))
+    edges = dict(zip(levels(ranking, "loss"), itertools.cycle(LOSS_EDGES)))
     if set(INTERVALS) <= set(ranking.columns):
         bars = ranking.dropna(subset=list(INTERVALS))
         ax.errorbar(bars["mean_clean"], bars["mean_robust"],
@@ -67,13 +69,13 @@ def scatter(ranking: pd.DataFrame) -> Figure:
                edgecolors=DEGENERATE_COLOUR, linewidths=1.2, zorder=3, gid="degenerate")
     robust = [c.removeprefix("mean_") for c in ranking.columns if c.startswith("mean_") and c not in ("mean_clean", "mean_robust")]
     ax.set_xlabel("mean clean accuracy over datasets")
-    ax.set_ylabel(f"mean robust accuracy over datasets ({', '.join(map(condition_label, robust))})")
-    ax.set_title(f"{ranking['protocol'].iloc[0]}: {len(ranking)} configurations (model × loss)")
+    ax.set_ylabel(f"mean robust accuracy over datasets ({', '.join(label('condition', c) for c in robust)})")
+    ax.set_title(f"{label('protocol', ranking['protocol'].iloc[0])}: {len(ranking)} configurations (model × loss)")
     handles = (
         [_handle(marker, label=kind) for kind, marker in markers.items()]
         + [_handle("o", size=s, label=f"size: {name}") for name, s in sizes.items()]
         + [_handle("s", colour=c, label=f"pretraining: {name}") for name, c in colours.items()]
-        + [_handle("o", colour="0.8", edge=e, label=f"loss: {name}") for name, e in edges.items()]
+        + [_handle("o", colour="0.8", edge=e, label=f"loss: {label('loss', name)}") for name, e in edges.items()]
         + [_handle("o", colour="none", edge=DEGENERATE_COLOUR, label="degenerate: clean ≈ chance on a dataset")]
     )
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
@@ -98,8 +100,8 @@ def radar(winners: pd.DataFrame, title: str) -> Figure:
         values = row[conditions].to_numpy(float)
         flag = " (degenerate: clean ≈ chance)" if row.get("degenerate", False) else ""
         ax.plot(np.append(angles, angles[0]), np.append(values, values[0]), marker="o", markersize=3,
-                label=f"{dataset}: {row['model']} / {row['loss']}{flag}")
-    ax.set_xticks(angles, labels=[condition_label(c) for c in conditions])
+                label=f"{dataset}: {row['model']} / {label('loss', row['loss'])}{flag}")
+    ax.set_xticks(angles, labels=[label("condition", c) for c in conditions])
     ax.set_ylim(0, 1)
     ax.set_rlabel_position(np.degrees(angles[1] / 2))  # between two axes, clear of their labels
     ax.set_title(title)
@@ -112,8 +114,8 @@ def heatmap(corr: pd.DataFrame, title: str) -> Figure:
     fig = Figure(figsize=(5.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     image = ax.imshow(corr.to_numpy(float), vmin=-1, vmax=1, cmap="RdBu_r")
-    ax.set_xticks(range(len(corr.columns)), labels=[condition_label(c) for c in corr.columns])
-    ax.set_yticks(range(len(corr.index)), labels=[condition_label(c) for c in corr.index])
+    ax.set_xticks(range(len(corr.columns)), labels=[label("condition", c) for c in corr.columns])
+    ax.set_yticks(range(len(corr.index)), labels=[label("condition", c) for c in corr.index])
     for (i, j), value in np.ndenumerate(corr.to_numpy(float)):
         ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9, color="white" if abs(value) > 0.6 else "black")
     fig.colorbar(image, ax=ax, label="Spearman ρ")
@@ -131,8 +133,8 @@ def effect_bars(effects: pd.DataFrame, title: str) -> Figure:
     fig = Figure(figsize=(4.6 * cols, 3.8 * rows), layout="constrained")
     for k, (name, panel) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, k + 1)
-        groups = ordered(panel["level_a" if pair else "level"], LEVEL_ORDER.get(name[0], ()))
-        hues = ordered(panel["level_b"], LEVEL_ORDER.get(name[1], ())) if pair else [None]
+        groups = ordered(panel["level_a" if pair else "level"], preferred(name[0]))
+        hues = ordered(panel["level_b"], preferred(name[1])) if pair else [None]
         colours = _palette(hues)
         width = 0.8 / len(hues)
         for i, hue in enumerate(hues):
@@ -143,48 +145,58 @@ def effect_bars(effects: pd.DataFrame, title: str) -> Figure:
             for xi, top, letters in zip(x, bars["mean_borda"] + sd, bars["tukey"]):
                 ax.annotate(letters, (xi, top), textcoords="offset points", xytext=(0, 2), ha="center",
                             fontsize=7, fontweight="bold")
-        long_labels = sum(map(len, groups)) > 40
-        ax.set_xticks(range(len(groups)), labels=groups, rotation=25 if long_labels else 0,
+        names = [label(name[0], g) for g in groups]
+        long_labels = sum(map(len, names)) > 40
+        ax.set_xticks(range(len(groups)), labels=names, rotation=25 if long_labels else 0,
                       ha="right" if long_labels else "center", fontsize=8)
         ax.margins(y=0.12)
         p = panel["anova_p"].iloc[0]
         ax.set_title(f"{' × '.join(name)}: " + (f"ANOVA p = {p:.2g}" if not np.isnan(p) else "not tested"), fontsize=9)
         ax.set_ylabel("mean Borda score")
         if pair:
-            ax.legend(handles=[_handle("s", colour=colours[h], edge=colours[h], label=h) for h in hues], title=name[1],
-                      fontsize=7, title_fontsize=7, frameon=False, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
+            ax.legend(handles=[_handle("s", colour=colours[h], edge=colours[h], label=label(name[1], h)) for h in hues],
+                      title=name[1], fontsize=7, title_fontsize=7, frameon=False, ncols=3, loc="upper center",
+                      bbox_to_anchor=(0.5, -0.1))
     fig.suptitle(title)
     return fig
 
 
 def odds_plot(odds: pd.DataFrame, clip: float = 100.0) -> Figure:
-    """TRADES vs Classic AT odds ratio (size class vs the protocol's other classes) with its
-    exact 95% interval, per size class x protocol, on a log axis; 0 and ∞ drawn at the clip."""
+    """One panel per pair of losses (A, B): the odds ratio of A beating B (size class vs the
+    protocol's other classes) with its exact 95% interval, per size class x protocol, on a log
+    axis; 0 and ∞ drawn at the clip."""
+    pairs = list(dict.fromkeys(zip(odds["loss_a"], odds["loss_b"])))
     protocols = list(dict.fromkeys(odds["protocol"]))
     sizes = levels(odds, "size")
     colours = _palette(protocols, "Dark2")
-    fig = Figure(figsize=(7, 1.2 + 0.9 * len(sizes)), layout="constrained")
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(7, len(pairs) * (1.4 + 0.9 * len(sizes))), layout="constrained")
+    axes = fig.subplots(len(pairs), 1, sharex=True, squeeze=False)[:, 0]
     offsets = np.linspace(-0.25, 0.25, len(protocols)) if len(protocols) > 1 else [0.0]
-    for offset, protocol in zip(offsets, protocols):
-        sub = odds[odds["protocol"] == protocol]
-        y = sub["size"].map(sizes.index) + offset
-        ratio = sub["odds_ratio"].clip(1 / clip, clip)
-        low, high = sub["ci_low"].clip(1 / clip, clip), sub["ci_high"].clip(1 / clip, clip)
-        ax.errorbar(ratio, y, xerr=[ratio - low, high - ratio], fmt="o", color=colours[protocol], label=protocol, capsize=3)
-        for xi, yi, row in zip(ratio, y, sub.itertuples()):
-            clipped = "" if np.isnan(row.odds_ratio) or 1 / clip < row.odds_ratio < clip else f" (OR = {row.odds_ratio:g})"
-            ax.annotate(f"{row.trades_wins}:{row.classic_at_wins}{clipped}", (xi, yi), textcoords="offset points",
-                        xytext=(0, 4), ha="center", fontsize=7, color=colours[protocol])
-    ax.axvline(1.0, color="0.4", linestyle="--", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlim(1 / clip / 1.5, clip * 1.5)
-    ax.set_yticks(range(len(sizes)), labels=sizes)
-    ax.set_xlabel("odds ratio of TRADES beating Classic AT, size class vs the rest (95% exact CI);\n"
-                  "labels: backbones where TRADES wins : where Classic AT wins")
-    ax.legend(fontsize=8, frameon=False)
-    ax.set_title("TRADES vs Classic AT on score_sum")
+    for ax, (a, b) in zip(axes, pairs):
+        for offset, protocol in zip(offsets, protocols):
+            sub = odds[(odds["protocol"] == protocol) & (odds["loss_a"] == a) & (odds["loss_b"] == b)]
+            _odds_points(ax, sub, sizes, offset, colours[protocol], label("protocol", protocol), clip)
+        ax.axvline(1.0, color="0.4", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlim(1 / clip / 1.5, clip * 1.5)
+        ax.set_yticks(range(len(sizes)), labels=sizes)
+        ax.set_title(f"{label('loss', a)} vs {label('loss', b)} on score_sum", fontsize=10)
+    axes[0].legend(fontsize=8, frameon=False)
+    axes[-1].set_xlabel("odds ratio of the first loss beating the second, size class vs the rest (95% exact CI);\n"
+                        "labels: backbones where the first loss wins : where the second wins")
     return fig
+
+
+def _odds_points(ax: Axes, rows: pd.DataFrame, sizes: list[str], offset: float, colour, name: str, clip: float) -> None:
+    """One protocol's odds ratios of one pair of losses, one point per size class (at its row)."""
+    y = rows["size"].map(sizes.index) + offset
+    ratio = rows["odds_ratio"].clip(1 / clip, clip)
+    low, high = rows["ci_low"].clip(1 / clip, clip), rows["ci_high"].clip(1 / clip, clip)
+    ax.errorbar(ratio, y, xerr=[ratio - low, high - ratio], fmt="o", color=colour, label=name, capsize=3)
+    for xi, yi, row in zip(ratio, y, rows.itertuples()):
+        clipped = "" if np.isnan(row.odds_ratio) or 1 / clip < row.odds_ratio < clip else f" (OR = {row.odds_ratio:g})"
+        ax.annotate(f"{row.a_wins}:{row.b_wins}{clipped}", (xi, yi), textcoords="offset points",
+                    xytext=(0, 4), ha="center", fontsize=7, color=colour)
 
 
 def proxy_scatter(pairs: dict[str, pd.DataFrame], proxy: pd.DataFrame) -> Figure:
@@ -192,7 +204,7 @@ def proxy_scatter(pairs: dict[str, pd.DataFrame], proxy: pd.DataFrame) -> Figure
     fig = Figure(figsize=(5 * len(pairs), 4.5), layout="constrained")
     for k, (protocol, table) in enumerate(pairs.items()):
         ax = fig.add_subplot(1, len(pairs), k + 1)
-        colours = _mapping(levels(table, "loss"), LOSS_COLOURS, ("tab:green", "tab:purple"))
+        colours = _palette(levels(table, "loss"))
         ax.scatter(table["score_sum"], table["score_sum_reference"], c=[colours[v] for v in table["loss"]],
                    s=20, gid=POINTS)
         bad = table[table["degenerate"]]
@@ -202,7 +214,7 @@ def proxy_scatter(pairs: dict[str, pd.DataFrame], proxy: pd.DataFrame) -> Figure
         ax.set_title(f"{protocol} vs {stat['reference']}: ρ = {stat['rho']:.2f} (p = {stat['p']:.1e})", fontsize=10)
         ax.set_xlabel(f"score_sum under {protocol}")
         ax.set_ylabel(f"score_sum under {stat['reference']}")
-        ax.legend(handles=[_handle("o", colour=c, edge=c, label=v) for v, c in colours.items()]
+        ax.legend(handles=[_handle("o", colour=c, edge=c, label=label("loss", v)) for v, c in colours.items()]
                   + [_handle("o", colour="none", edge=DEGENERATE_COLOUR, label="degenerate under either")],
                   fontsize=8, frameon=False)
         ax.grid(alpha=0.3)

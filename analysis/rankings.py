@@ -5,6 +5,9 @@ configurations of the protocol on that accuracy (ascending, so higher accuracy -
 ties take the average rank). Its maximum is n_configurations x n_datasets x n_conditions.
 `score_sum` is the sum of the same accuracies. Global rank 1 = highest Borda (equal Borda:
 higher score_sum first, then by name, so the ranks are a permutation).
+
+A configuration is marked (never dropped) `degenerate` when its clean accuracy is near chance on
+some dataset, and `flagged` when one of its cells is flagged in the study's flags file.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import warnings
 
 import pandas as pd
 
-from analysis.data import CONFIGURATION, AnalysisWarning, Skip, conditions, levels, protocols
+from analysis.data import CONFIGURATION, FLAG_COLUMNS, AnalysisWarning, Skip, conditions, levels, protocols
 
 # A cell is degenerate when its clean accuracy is below this multiple of chance (1 / classes):
 # such a model barely beats guessing (often it predicts one class), yet it can rank high because
@@ -41,8 +44,9 @@ def accuracy_matrix(cells: pd.DataFrame, protocol: str) -> pd.DataFrame:
     return matrix
 
 
-def ranking(cells: pd.DataFrame, protocol: str) -> pd.DataFrame:
-    """One row per configuration of the protocol, best first (see the module docstring)."""
+def ranking(cells: pd.DataFrame, protocol: str, flagged: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per configuration of the protocol, best first (see the module docstring);
+    `flagged`: the study's flagged cells (`data.flagged_cells`), if any."""
     matrix = accuracy_matrix(cells, protocol)
     table = pd.DataFrame({
         "borda": matrix.rank(axis=0, method="average", ascending=True).sum(axis=1),
@@ -60,16 +64,17 @@ def ranking(cells: pd.DataFrame, protocol: str) -> pd.DataFrame:
     table.insert(4, "rank", range(1, len(table) + 1))
     table = table.merge(_configuration_metadata(cells), on=list(CONFIGURATION), how="left")
     table = table.merge(degenerate_configurations(cells, protocol), on=list(CONFIGURATION), how="left")
+    table = table.merge(flagged_configurations(cells, protocol, flagged), on=list(CONFIGURATION), how="left")
     table.insert(0, "protocol", protocol)
     return table.reset_index(drop=True)
 
 
-def rankings(cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The ranking of every protocol present, in the canonical protocol order."""
+def rankings(cells: pd.DataFrame, flagged: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """The ranking of every protocol present, in the study's protocol order (`data.protocols`)."""
     out = {}
     for protocol in protocols(cells):
         try:
-            out[protocol] = ranking(cells, protocol)
+            out[protocol] = ranking(cells, protocol, flagged)
         except Skip as skip:
             warnings.warn(AnalysisWarning(str(skip)), stacklevel=2)
     return out
@@ -104,9 +109,20 @@ def degenerate_configurations(cells: pd.DataFrame, protocol: str) -> pd.DataFram
     return table
 
 
+def flagged_configurations(cells: pd.DataFrame, protocol: str, flagged: pd.DataFrame | None) -> pd.DataFrame:
+    """Per configuration of the protocol: whether a cell of it is flagged, and on which datasets."""
+    table = cells.loc[cells["protocol"] == protocol, list(CONFIGURATION)].drop_duplicates()
+    hits = pd.DataFrame(columns=list(FLAG_COLUMNS)) if flagged is None else flagged[flagged["protocol"] == protocol]
+    summary = hits.groupby(list(CONFIGURATION))["dataset"].agg(lambda d: " ".join(dict.fromkeys(d)))
+    table = table.merge(summary.rename("flagged_datasets").reset_index(), on=list(CONFIGURATION), how="left")
+    table["flagged_datasets"] = table["flagged_datasets"].fillna("")
+    table["flagged"] = table["flagged_datasets"] != ""
+    return table
+
+
 def winners(cells: pd.DataFrame, protocol: str) -> pd.DataFrame:
     """Per dataset (rows): the configuration with the highest summed accuracy over the conditions
-    on it, its accuracy per condition (columns in the canonical condition order), and whether
+    on it, its accuracy per condition (columns in the study's condition order), and whether
     its clean accuracy there is near chance."""
     matrix = accuracy_matrix(cells, protocol)
     order = conditions(cells[cells["protocol"] == protocol])
@@ -132,7 +148,7 @@ def medals(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
             best = table[table["size"] == size].nsmallest(len(MEDALS), "rank")
             for medal, (_, row) in zip(MEDALS, best.iterrows()):
                 rows.append({"size": size, "protocol": protocol, "medal": medal,
-                             **row[["model", "loss", "rank", "borda", "score_sum", "degenerate"]]})
+                             **row[["model", "loss", "rank", "borda", "score_sum", "degenerate", "flagged"]]})
     if not rows:
         raise Skip("no ranking to award medals from")
     return pd.DataFrame(rows)

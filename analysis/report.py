@@ -4,7 +4,8 @@ page showing them all.
 Layout of DIR (default `<results root>/<study>/figures`): `tables/` (CSV, plus Markdown and LaTeX
 for the paper's tables), `plots/` (PNG and PDF), `report.html` (links to `plots/` relatively).
 An output the study lacks the axes or levels for is skipped with the reason printed and shown
-in the report; the rest is still written.
+in the report; the rest is still written. A study directory holding `flags.csv` (see
+`data.load_flags`) gets a "Flagged cells" section, and its rankings mark the flagged configurations.
 """
 from __future__ import annotations
 
@@ -21,8 +22,21 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis import bootstrap, figures, rankings, stats
-from analysis.data import CELL, CONFIGURATION, AnalysisWarning, Skip, prepare, protocols
-from benchmark import paths, results
+from analysis.data import (
+    CELL,
+    CONFIGURATION,
+    FLAGS_FILE,
+    AnalysisWarning,
+    Skip,
+    flagged_cells,
+    label,
+    load_flags,
+    losses,
+    prepare,
+    protocols,
+)
+from benchmark import arguments, paths, tables
+from benchmark.errors import RFTBenchError
 
 PAPER_TABLES = ("csv", "md", "tex")  # formats of the tables the paper prints
 
@@ -84,13 +98,13 @@ class Report:
 def build(study: str, out: Path, results_root: Path | None = None, log: Callable[[str], None] = print) -> Path:
     """Write every table, figure and the HTML report of `study` under `out`; returns the page."""
     start = time.perf_counter()
-    long = results.load(study, results_root=results_root)
+    long = tables.load(study, results_root=results_root)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AnalysisWarning)
         cells = prepare(long)
     sources = sorted(long["source"].dropna().unique())
     log(f"figures: study {study!r}: {len(long)} rows, {cells[list(CELL)].drop_duplicates().shape[0]} cells, "
-        f"protocols {protocols(cells)}, sources {sources}")
+        f"protocols {protocols(cells)}, losses {losses(cells)}, sources {sources}")
     for w in caught:
         log(f"  {w.message}")
     report = Report(out, log)
@@ -103,14 +117,23 @@ def build(study: str, out: Path, results_root: Path | None = None, log: Callable
 
 def write(report: Report, long: pd.DataFrame, cells: pd.DataFrame, study_dir: Path) -> None:
     """Every table and figure, section by section (the order of the page)."""
+    flags = load_flags(study_dir)
+    flagged = None
+    if not flags.empty:
+        with report.section("Flagged cells") as section:
+            flagged = flagged_cells(cells, flags)
+            report.table(section, flagged, "flagged_cells")
+            section.notes.append(f"{len(flagged)} cells flagged by {len(flags)} entries of {FLAGS_FILE}: their numbers "
+                                 "are kept, and the rankings mark their configurations (`flagged`)")
     with report.section("Rankings") as section:
         reps = bootstrap.replicates(long, study_dir)
-        tables = {p: _with_intervals(t, reps, cells) for p, t in rankings.rankings(cells).items()}
-        for protocol, table in tables.items():
+        ranked = {p: _with_intervals(t, reps, cells) for p, t in rankings.rankings(cells, flagged).items()}
+        for protocol, table in ranked.items():
             report.table(section, table, f"ranking_{protocol}", PAPER_TABLES)
             section.notes.append(f"{protocol}: {len(table)} configurations, Borda max {rankings.max_borda(cells, table)}, "
                                  f"{int(table['degenerate'].sum())} degenerate (clean accuracy < "
-                                 f"{rankings.DEGENERATE_FACTOR:g} × chance on some dataset)")
+                                 f"{rankings.DEGENERATE_FACTOR:g} × chance on some dataset), "
+                                 f"{int(table['flagged'].sum())} with a flagged cell")
         n_cells = cells[list(CELL)].drop_duplicates().shape[0]
         if reps:
             report.table(section, bootstrap.cell_intervals(reps), "accuracy_ci")
@@ -122,12 +145,12 @@ def write(report: Report, long: pd.DataFrame, cells: pd.DataFrame, study_dir: Pa
             section.notes.append("no per-example results (imported results keep only accuracies): "
                                  "accuracies are shown without confidence intervals")
     with report.section("Medals") as section:
-        report.table(section, rankings.medals(tables), "medals", ("csv", "tex"))
+        report.table(section, rankings.medals(ranked), "medals", ("csv", "tex"))
     with report.section("Clean vs robust accuracy") as section:
-        for protocol, table in tables.items():
+        for protocol, table in ranked.items():
             report.figure(section, figures.scatter(table), f"scatter_{protocol}")
     with report.section("Each dataset's winner") as section:
-        for protocol in tables:
+        for protocol in ranked:
             winners = rankings.winners(cells, protocol)
             report.table(section, winners, f"winners_{protocol}", index=True)
             report.figure(section, figures.radar(winners, f"{protocol}: each dataset's winner"), f"radar_{protocol}")
@@ -137,25 +160,28 @@ def write(report: Report, long: pd.DataFrame, cells: pd.DataFrame, study_dir: Pa
             report.figure(section, figures.heatmap(corr, f"{protocol}: Spearman ρ over its cells"), f"spearman_{protocol}")
         report.table(section, stats.mac(cells), "mac")
     with report.section("Cheap protocols as proxies") as section:
-        proxy = stats.proxy(tables)
+        proxy = stats.proxy(ranked)
         report.table(section, proxy, "proxy")
-        pairs = {p: stats.proxy_pairs(tables, p) for p in proxy["protocol"].unique()}
+        pairs = {p: stats.proxy_pairs(ranked, p) for p in proxy["protocol"].unique()}
         report.figure(section, figures.proxy_scatter(pairs, proxy), "proxy")
-    with report.section("TRADES vs Classic AT") as section:
-        odds = stats.odds_trades(tables)
-        report.table(section, odds, "odds_trades")
-        section.notes.append("2×2 table per size class × protocol: rows = this size class, the protocol's other "
-                             "classes; columns = backbones where TRADES wins, where Classic AT wins (ties left out). "
-                             "Fisher's exact test, two-sided; exact conditional 95% interval of the odds ratio")
+    with report.section("Losses compared per size class") as section:
+        odds = stats.odds(ranked)
+        report.table(section, odds, "odds")
+        pairs = ", ".join(f"{label('loss', a)} vs {label('loss', b)}"
+                          for a, b in dict.fromkeys(zip(odds["loss_a"], odds["loss_b"])))
+        section.notes.append(f"pairs of losses: {pairs}. A 2×2 table per pair (A, B) × protocol × size class: rows = "
+                             "this size class, the protocol's other classes; columns = backbones where A has the "
+                             "higher score_sum, where B has (ties left out). Fisher's exact test, two-sided; exact "
+                             "conditional 95% interval of the odds ratio")
         if odds["odds_ratio"].isna().all():
             raise Skip("no odds ratio to plot: it compares a size class with the others, and the study has one size class")
-        report.figure(section, figures.odds_plot(odds), "odds_trades")
+        report.figure(section, figures.odds_plot(odds), "odds")
     with report.section("Effects on the Borda score") as section:
-        main, crossed = stats.main_effects(tables), stats.interactions(tables)
+        main, crossed = stats.main_effects(ranked), stats.interactions(ranked)
         report.table(section, main, "main_effects")
         report.table(section, crossed, "interactions")
         section.notes += sorted({f"{r.protocol} {r.factor}: {r.note}" for r in main.itertuples() if r.note})
-        for protocol in tables:
+        for protocol in ranked:
             report.figure(section, figures.effect_bars(main[main["protocol"] == protocol],
                                                        f"{protocol}: main effects (Tukey HSD letters)"), f"main_effects_{protocol}")
             report.figure(section, figures.effect_bars(crossed[crossed["protocol"] == protocol],
@@ -196,7 +222,17 @@ def figures_command(args: argparse.Namespace) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # headless: the command never opens a window
-    study, results_root = results.study_from(args.overrides)
+    study, results_root = arguments.study_and_root(args.overrides)
     out = Path(args.out) if args.out else paths.study_dir(study, results_root) / "figures"
+    _check_out(out)
     build(study, out, results_root)
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output path that cannot be a directory (it, or a parent, is a file), before
+    anything is read or written."""
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        what = "is a file" if blocking == out else f"is under {blocking}, a file"
+        raise RFTBenchError(f"--out {out} {what}; give a directory (it will hold tables/, plots/ and report.html)")

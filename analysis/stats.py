@@ -1,6 +1,7 @@
 """The study's statistics over rankings and cells: correlations between conditions, how well the
-cheap protocols predict the expensive one, TRADES vs Classic AT odds, and factor effects on the
-Borda score (one-way ANOVA, Tukey HSD with compact letters).
+cheap protocols predict the expensive one, which loss beats which per size class (pairwise over
+the study's losses), and factor effects on the Borda score (one-way ANOVA, Tukey HSD with
+compact letters).
 
 Library statistics only: scipy (spearmanr, f_oneway, fisher_exact, odds_ratio), pandas'
 Spearman correlation matrix, statsmodels' pairwise_tukeyhsd.
@@ -14,11 +15,10 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multicomp import pairwise_tukeyhsd
 
-from analysis.data import CELL, FACTORS, Skip, conditions, levels, protocols
+from analysis.data import CELL, FACTORS, Skip, conditions, levels, losses, protocols
 from analysis.letters import compact_letters
+from benchmark.study import load_option, options
 
-REFERENCE_PROTOCOL = "fft50"  # the expensive protocol the cheap ones should predict
-LOSSES = ("classic_at", "trades")  # the pair compared by `odds_trades`
 ALPHA = 0.05
 
 
@@ -61,9 +61,26 @@ def mac(cells: pd.DataFrame, factors: tuple[str, ...] = FACTORS) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def proxy(tables: dict[str, pd.DataFrame], reference: str = REFERENCE_PROTOCOL) -> pd.DataFrame:
+def reference_protocol(protocols: list[str]) -> str:
+    """The most expensive of `protocols`, the one the cheap ones should predict. By each one's
+    conf/protocol option: training the backbone costs more than probing, then more epochs cost
+    more (on a tie, the first in order)."""
+    known = [p for p in protocols if p in options("protocol")]
+    if not known:
+        raise Skip(f"the proxy analysis needs a protocol with a conf/protocol option (to tell which is the most "
+                   f"expensive); protocols present: {protocols}")
+    return max(known, key=_cost)
+
+
+def _cost(protocol: str) -> tuple[bool, int]:
+    option = load_option("protocol", protocol)
+    return bool(option["train_backbone"]), option["epochs"]
+
+
+def proxy(tables: dict[str, pd.DataFrame], reference: str | None = None) -> pd.DataFrame:
     """Spearman rho (and p) between each cheap protocol's per-configuration score_sum and the
-    reference protocol's, over all configurations and per loss."""
+    reference protocol's (None: `reference_protocol`), over all configurations and per loss."""
+    reference = reference or reference_protocol(list(tables))
     if reference not in tables:
         raise Skip(f"the proxy analysis needs the reference protocol {reference!r}; protocols present: {list(tables)}")
     cheap = [p for p in tables if p != reference]
@@ -72,48 +89,60 @@ def proxy(tables: dict[str, pd.DataFrame], reference: str = REFERENCE_PROTOCOL) 
     rows = []
     for protocol in cheap:
         paired = proxy_pairs(tables, protocol, reference)
-        for loss, sub in [("all", paired), *paired.groupby("loss")]:
+        for loss, sub in [("all", paired), *((loss, paired[paired["loss"] == loss]) for loss in losses(paired))]:
             rho, p = stats.spearmanr(sub["score_sum"], sub["score_sum_reference"]) if len(sub) >= 3 else (np.nan, np.nan)
             rows.append({"protocol": protocol, "reference": reference, "loss": loss,
                          "n_configurations": len(sub), "rho": rho, "p": p})
     return pd.DataFrame(rows)
 
 
-def proxy_pairs(tables: dict[str, pd.DataFrame], protocol: str, reference: str = REFERENCE_PROTOCOL) -> pd.DataFrame:
-    """The configurations ranked under both protocols, with both score_sums; `degenerate` if
-    under either."""
+def proxy_pairs(tables: dict[str, pd.DataFrame], protocol: str, reference: str | None = None) -> pd.DataFrame:
+    """The configurations ranked under both protocols (`reference` None: `reference_protocol`),
+    with both score_sums; `degenerate` if under either."""
+    reference = reference or reference_protocol(list(tables))
     columns = ["model", "loss", "score_sum", "degenerate"]
     pairs = tables[protocol][columns].merge(tables[reference][columns], on=["model", "loss"], suffixes=("", "_reference"))
     pairs["degenerate"] = pairs["degenerate"] | pairs.pop("degenerate_reference")
     return pairs
 
 
-def odds_trades(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Per size class x protocol: on how many backbones TRADES beats Classic AT on score_sum.
+def odds(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per protocol x pair of the study's losses (A, B) x size class: on how many backbones A
+    beats B on score_sum, and whether that differs between this size class and the others.
 
-    Fisher's exact test on the 2x2 table [[TRADES wins, Classic AT wins] in this size class,
-    [the same] in the protocol's other size classes]; the odds ratio is (w/l in the class) /
-    (w/l elsewhere), with the exact conditional 95% interval. Tied backbones are left out.
+    Fisher's exact test (two-sided) on the 2x2 table [[A wins, B wins] in this size class,
+    [the same] in the protocol's other size classes]; the odds ratio is (A wins / B wins in the
+    class) / (the same elsewhere), with the exact conditional 95% interval. A backbone counts
+    for a pair when it was trained with both losses; tied backbones are left out.
     """
+    # One order of the losses for every protocol, so that a pair reads the same way in each.
+    order = losses(pd.concat([table[["loss"]] for table in tables.values()])) if tables else []
     rows = []
     for protocol, table in tables.items():
-        pairs = table.pivot(index="model", columns="loss", values="score_sum")
-        if not set(LOSSES) <= set(pairs.columns):
-            raise Skip(f"{protocol}: the TRADES odds need both losses {LOSSES}; present: {sorted(pairs.columns)}")
-        pairs = pairs[list(LOSSES)].dropna()
-        size = table.drop_duplicates("model").set_index("model")["size"].reindex(pairs.index)
-        trades_wins = pairs["trades"] > pairs["classic_at"]
-        at_wins = pairs["trades"] < pairs["classic_at"]
-        for level in levels(size.to_frame(), "size"):
-            inside = size == level
-            counts = [[int(trades_wins[inside].sum()), int(at_wins[inside].sum())],
-                      [int(trades_wins[~inside].sum()), int(at_wins[~inside].sum())]]
-            rows.append({"protocol": protocol, "size": level, "n_backbones": int(inside.sum()),
-                         "trades_wins": counts[0][0], "classic_at_wins": counts[0][1],
-                         "ties": int(inside.sum()) - sum(counts[0]),
-                         "rest_trades_wins": counts[1][0], "rest_classic_at_wins": counts[1][1],
-                         **_fisher(counts)})
+        scores = table.pivot(index="model", columns="loss", values="score_sum")
+        size = table.drop_duplicates("model").set_index("model")["size"]
+        for a, b in itertools.combinations([loss for loss in order if loss in scores.columns], 2):
+            rows += _pair_odds(protocol, a, b, scores[[a, b]].dropna(), size)
+    if not rows:
+        if len(order) < 2:
+            raise Skip(f"comparing losses needs two or more; the study has {len(order)}: {', '.join(order) or 'none'}")
+        raise Skip(f"no backbone was trained with two of the losses {order} under one protocol")
     return pd.DataFrame(rows)
+
+
+def _pair_odds(protocol: str, a: str, b: str, scores: pd.DataFrame, size: pd.Series) -> list[dict]:
+    """The rows of one pair of losses under one protocol, one per size class."""
+    size = size.reindex(scores.index)
+    a_wins, b_wins = scores[a] > scores[b], scores[a] < scores[b]
+    rows = []
+    for level in levels(size.to_frame(), "size"):
+        inside = size == level
+        counts = [[int(a_wins[inside].sum()), int(b_wins[inside].sum())],
+                  [int(a_wins[~inside].sum()), int(b_wins[~inside].sum())]]
+        rows.append({"protocol": protocol, "loss_a": a, "loss_b": b, "size": level, "n_backbones": int(inside.sum()),
+                     "a_wins": counts[0][0], "b_wins": counts[0][1], "ties": int(inside.sum()) - sum(counts[0]),
+                     "rest_a_wins": counts[1][0], "rest_b_wins": counts[1][1], **_fisher(counts)})
+    return rows
 
 
 def _fisher(counts: list[list[int]]) -> dict[str, float]:

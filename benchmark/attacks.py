@@ -5,7 +5,7 @@ These are the training hot path, so they compute input gradients only
 touched), work on the whole batch at once, and keep per-step tensor work small. Models take
 images in [0, 1] and return logits; every result lies in the eps-ball around `x` and in [0, 1].
 The caller runs them with the model in eval mode (`eval_mode`), as the study generated its
-training examples. Mixed precision comes from the caller's `torch.autocast` context (CUDA only);
+training examples. Mixed precision comes from the caller's `torch.autocast` context (`train.autocast`);
 losses are always computed in float32.
 """
 from __future__ import annotations

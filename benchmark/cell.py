@@ -22,7 +22,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,20 +63,31 @@ def _digest(canonical: str) -> str:
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:ID_LENGTH]
 
 
-def grid(choices: dict[str, list[Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+def grid(choices: dict[str, list[Any]],
+         refine: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """(cell_id, config) of every config that takes one value per top-level key of `choices`,
-    in the order of itertools.product over the keys as given.
+    in the order of itertools.product over the keys as given. `refine`, when given, may replace
+    values of a config by others that depend on the whole combination (per-cell values); it
+    should return the same objects for the same combination, so their JSON is made once.
 
     Each value is serialised once; a config's canonical JSON is then joined from its values'
     pieces in sorted key order, the very bytes `canonical_json` gives the whole config (an id
     costs a join and a hash, not a serialisation). The configs share their values' objects.
     """
-    keys = list(choices)
-    pieces = [[f"{canonical_json(key)}:{canonical_json(value)}" for value in choices[key]] for key in keys]
-    order = sorted(range(len(keys)), key=keys.__getitem__)
-    for combo in itertools.product(*(range(len(values)) for values in choices.values())):
-        canonical = "{" + ",".join([pieces[k][combo[k]] for k in order]) + "}"
-        yield _digest(canonical), {key: choices[key][i] for key, i in zip(keys, combo)}
+    keys = sorted(choices)
+    pieces: dict[tuple[str, int], tuple[Any, str]] = {}  # the value is kept so its id stays its own
+
+    def piece(key: str, value: Any) -> str:
+        found = pieces.get((key, id(value)))
+        if found is None:
+            found = pieces[key, id(value)] = (value, f"{canonical_json(key)}:{canonical_json(value)}")
+        return found[1]
+
+    for combo in itertools.product(*choices.values()):
+        config = dict(zip(choices, combo))
+        if refine is not None:
+            config = refine(config)
+        yield _digest("{" + ",".join([piece(key, config[key]) for key in keys]) + "}"), config
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""`rftbench collect`: merge a study's cell directories into its two tables, incrementally.
+"""Merge a study's cell directories into its two tables, incrementally (`rftbench collect`,
+whose command is in `benchmark.tables`).
 
 `<study>/measurements.parquet` (one row per cell x condition) and `<study>/cells.parquet` (one
 row per cell directory) are rebuilt from `<study>/cells/*/`. A cell has one row file, replaced
@@ -14,7 +15,6 @@ than the dataset's test_size are kept and flagged (`truncated`, `truncation` in 
 """
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
@@ -43,10 +43,8 @@ from benchmark.results import (
     SCHEMA_VERSION,
     SORT_KEYS,
     CorruptResultError,
-    existing_study_dir,
     read_rows,
     read_table,
-    study_from,
     write_table,
 )
 
@@ -134,17 +132,6 @@ def truncation_warning(truncated: list[str]) -> str:
     """One warning line naming the truncated cells (the first few, then how many more)."""
     shown = "; ".join(truncated[:_SHOWN]) + (f"; ... ({len(truncated)} in all)" if len(truncated) > _SHOWN else "")
     return f"warning: {len(truncated)} cells were measured on fewer examples than their dataset's test_size: {shown}"
-
-
-def collect_command(args: argparse.Namespace) -> int:
-    directory = existing_study_dir(*study_from(args.overrides))
-    report = collect(directory)
-    print(
-        f"study {directory.name}: {report.cells} cells, {report.measurements} measurements "
-        f"({report.read} cells read) in {directory / MEASUREMENTS_FILE} and {CELLS_FILE}"
-    )
-    print_warnings(report)
-    return 1 if report.problems else 0
 
 
 def print_warnings(report: Collected) -> None:

@@ -19,9 +19,26 @@ has any (same datasets, evaluation and, usually, machines); otherwise those of e
 study under the results root, which is what gives a fresh study an estimate at all. The seconds
 are those measured on the calibration cells' device: hours are GPU-hours only when those cells
 ran on a GPU, and the estimate names the device either way.
+
+The prior, used while there is no calibration cell at all (a study planned before anything has
+run). A cell is estimated at
+
+    GPU-seconds = F * (epochs * (train * (attack + update) + val) + test * evaluation) / R
+
+F: the backbone's forward GFLOPs per image at the dataset's image size (`conf/model/gflops.csv`,
+counted by `benchmark.flops`); train, val, test: the dataset option's `split_sizes` (test: at most
+its `test_size`); R: `runtime.gpu_tflops`, the sustained rate of one GPU. The passes per image, in
+forward-pass equivalents (a backward pass costs about two forwards with weight gradients, one
+without): attack = 2 * steps + 1 (each step a forward and an input-gradient backward, then the
+last iterate's forward); update = 3 with full fine-tuning (forward, full backward), 1 with linear
+probing (the frozen backbone's forward; the head's backward is negligible); val = 1 per epoch;
+evaluation = the sum of the conditions' budgets (EVAL_PASSES). A loss that also trains on the
+clean batch (TRADES, MART) adds about 3 passes to the update, which the prior leaves out (it errs
+low by about 10% for them with a 10-step attack).
 """
 from __future__ import annotations
 
+import csv
 import functools
 import statistics
 from collections import Counter
@@ -29,11 +46,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmark.study import Study
+from benchmark.conditions import eps_grid
+from benchmark.paths import CONF_DIR
+from benchmark.study import Study, conf_dirs
 
 MODEL = ("seconds = train_rate * epochs * params_m + eval_rate * params_m; rates: medians over "
          "the calibration cells of the cell's (model size, protocol), else its protocol's, else all")
 NO_SIZE = "?"  # the size group of a model whose config has no `size`
+
+PRIOR_MODEL = ("GPU-seconds = forward GFLOPs * (epochs * (train images * (attack + update passes) + val images) "
+               "+ test images * evaluation passes) / runtime.gpu_tflops")
+FLOPS_FILE = "gflops.csv"  # in a config directory's model/ folder: arch, image_size, gflops
+FLOPS_TABLE = CONF_DIR / "model" / FLOPS_FILE  # the project's; extension config folders may add their own
+# Forward-pass equivalents per test image of an evaluation condition kind. AutoAttack 'standard':
+# APGD-CE's 100 steps (a forward and an input-gradient backward each) on every image, then
+# APGD-T (9 targets x 100 steps), FAB-T and Square (5,000 queries) on the images still robust,
+# about 9,500 passes each; with about a fifth of the images robust, 200 + 0.2 * 9,500 ~ 2,000.
+EVAL_PASSES = {"clean": 1.0, "corruptions": 1.0, "autoattack": 2000.0}
 
 Group = tuple[str | None, str | None]  # (model size, protocol); None: any
 Fallbacks = Counter[tuple[Group, Group]]  # planned cells per (their group, the group whose rates they took)
@@ -167,6 +196,7 @@ def estimate(study: Study, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
     devices = Counter(m.device for m in calibration.cells)
     out: dict[str, Any] = {
         "kind": "estimate",
+        "basis": "measured",
         "model": MODEL,
         "unit": _unit(devices),
         "cells": len(study.cells),
@@ -177,6 +207,7 @@ def estimate(study: Study, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "groups": [],
         "fallbacks": [],
         "message": None,
+        "prior": None,
         "calibration": {
             "cells": len(calibration.cells),
             "scope": calibration.scope,
@@ -187,8 +218,7 @@ def estimate(study: Study, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
         },
     }
     if not calibration.cells:
-        return {**out, "message": f"none: no measured cells to calibrate on under {study.dir.parent}/ (run "
-                                  "and collect some cells first; imported cells have no timings)"}
+        return _prior_estimate(study, left, out)
     rates = fit(calibration.cells)
     seconds, fell_back, unestimated = _seconds(study, rates)
     return {
@@ -202,6 +232,89 @@ def estimate(study: Study, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "fallbacks": [{"model_size": size, "protocol": protocol, "cells": n, "rates_of": label(used)}
                       for ((size, protocol), used), n in fell_back.items()],
     }
+
+
+def _prior_estimate(study: Study, left: list[Any], out: dict[str, Any]) -> dict[str, Any]:
+    """The estimate without calibration cells: the prior (module docstring) at runtime.gpu_tflops."""
+    tflops = float(study.config["runtime"]["gpu_tflops"])
+    seconds, unestimated = prior_seconds(study.cells, tflops)
+    where = (f"no measured cells to calibrate on under {study.dir.parent}/ (run and collect some cells "
+             "for a measured estimate; imported cells have no timings)")
+    return {
+        **out, "basis": "prior", "model": PRIOR_MODEL, "unit": "GPU-hours",
+        "hours": sum(seconds.values()) / 3600 if seconds else None,
+        "hours_not_done": sum(seconds.get(c.id, 0.0) for c in left) / 3600 if seconds else None,
+        "cells_unestimated": unestimated,
+        "prior": {"gpu_tflops": tflops, "flops_tables": [str(path) for path in _flops_tables()]},
+        "message": f"prior: {where}" if seconds else f"none: {where}, and no cell has FLOPs and split sizes",
+    }
+
+
+def prior_seconds(cells: list[Any], gpu_tflops: float) -> tuple[dict[str, float], list[str]]:
+    """Each cell's prior GPU-seconds by id, and the ids of cells the prior cannot estimate (no
+    FLOPs for their backbone at their image size, or a dataset without `split_sizes`)."""
+    table = flops_table()
+    per_point: dict[tuple[Any, ...], float | None] = {}
+    seconds: dict[str, float] = {}
+    unestimated = []
+    for cell in cells:
+        # The prior depends on the axis options and the evaluation only: computed once per point.
+        key = (*cell.axes.values(), cell.config["protocol"]["epochs"], id(cell.config["eval"]))
+        if key not in per_point:
+            per_point[key] = cell_gflops(cell.config, table)
+        gflops = per_point[key]
+        if gflops is None:
+            unestimated.append(cell.id)
+        else:
+            seconds[cell.id] = gflops / (gpu_tflops * 1e3)
+    return seconds, unestimated
+
+
+def cell_gflops(config: dict[str, Any], table: dict[tuple[str, int], float]) -> float | None:
+    """A cell's GFLOPs under the prior's model, None without the FLOPs or split sizes it needs."""
+    dataset, protocol = config["dataset"], config["protocol"]
+    forward = table.get((config["model"]["arch"], dataset["image_size"]))
+    sizes = dataset.get("split_sizes")
+    if forward is None or not sizes:
+        return None
+    tested = min(sizes["test_pool"], dataset["test_size"])
+    evaluation = sum(eval_passes(spec) for spec in config["eval"].values())
+    per_epoch = sizes["train"] * train_passes(config["loss"], protocol) + sizes["val"]
+    return forward * (protocol["epochs"] * per_epoch + tested * evaluation)
+
+
+def train_passes(loss_cfg: dict[str, Any], protocol: dict[str, Any]) -> float:
+    """Forward-pass equivalents per training image of one adversarial step: the attack's
+    2 * steps + 1, then the update's 3 (full fine-tuning) or 1 (linear probing)."""
+    return 2 * loss_cfg["attack"]["steps"] + 1 + (3 if protocol["train_backbone"] else 1)
+
+
+def eval_passes(spec: dict[str, Any]) -> float:
+    """Forward-pass equivalents per test image of a condition (EVAL_PASSES; expected robustness:
+    an APGD run of n_iter steps and restarts at each budget of its grid but 0; a kind without a
+    known budget counts as one forward pass)."""
+    if spec["kind"] == "expected":
+        return 1 + (len(eps_grid(spec)) - 1) * spec["n_restarts"] * (2 * spec["n_iter"] + 1)
+    return EVAL_PASSES.get(spec["kind"], 1.0)
+
+
+def _flops_tables() -> list[Path]:
+    return [path for path in (d / "model" / FLOPS_FILE for d in conf_dirs()) if path.is_file()]
+
+
+@functools.cache
+def _read_flops_table(path: Path) -> dict[tuple[str, int], float]:
+    with path.open(newline="") as rows:
+        return {(row["arch"], int(row["image_size"])): float(row["gflops"]) for row in csv.DictReader(rows)}
+
+
+def flops_table() -> dict[tuple[str, int], float]:
+    """(arch, image size) -> forward GFLOPs per image, from every config directory's table (the
+    first directory that has an entry wins, as for options)."""
+    table: dict[tuple[str, int], float] = {}
+    for path in reversed(_flops_tables()):
+        table |= _read_flops_table(path)
+    return table
 
 
 def _seconds(study: Study, rates: dict[Group, Rates]) -> tuple[dict[str, float], Fallbacks, list[str]]:
@@ -237,6 +350,8 @@ def describe(estimate: dict[str, Any]) -> list[str]:
     lines = []
     if estimate["hours"] is None:
         lines.append(f"cost estimate: {estimate['message']}")
+    elif estimate["basis"] == "prior":
+        lines += _describe_prior(estimate)
     else:
         unit = estimate["unit"]
         lines.append(f"cost estimate: {_hours(estimate['hours_not_done'])} {unit} for the "
@@ -257,6 +372,20 @@ def describe(estimate: dict[str, Any]) -> list[str]:
         lines.append(f"  {calibration['uncollected_done_cells']} done cells of this study are not collected yet "
                      "(`rftbench collect` adds them to the calibration)")
     lines += [f"  skipped {problem}" for problem in calibration["skipped"]]
+    return lines
+
+
+def _describe_prior(estimate: dict[str, Any]) -> list[str]:
+    tflops = estimate["prior"]["gpu_tflops"]
+    lines = [f"cost estimate: ≈ {_hours(estimate['hours_not_done'])} GPU-hours at {tflops:g} TFLOP/s sustained "
+             f"for the {estimate['cells_not_done']} cells not done, {_hours(estimate['hours'])} for all "
+             f"{estimate['cells']}",
+             f"  {estimate['message']}",
+             "  prior: forward FLOPs per image (conf/model/gflops.csv) x the datasets' split_sizes x epochs x passes "
+             "per image (attack, update, evaluation budgets) / runtime.gpu_tflops (scripts/gpu-check.sh measures it)"]
+    if estimate["cells_unestimated"]:
+        lines.append(f"  {len(estimate['cells_unestimated'])} cells not estimated: no FLOPs for their backbone at "
+                     "their image size (python -m benchmark.flops) or no dataset split_sizes")
     return lines
 
 

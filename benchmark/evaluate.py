@@ -1,15 +1,17 @@
-"""The evaluation conditions of `conf/eval`: one Measurement per condition, per-example.
+"""The measurements of the evaluation conditions of `conf/eval`: one Measurement per condition,
+per-example.
 
-A condition's `kind` selects a function in KINDS; a new kind is one more function
-`(Context, cfg) -> (scores, description)` registered there.
+A condition's `kind` is an entry of `benchmark.conditions.CONDITIONS`, which checks its config,
+describes its row and names its measurement here: a function `(Context, cfg) -> scores`.
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,14 +23,15 @@ import torch
 from pyautoattack.state import EvaluationState
 from torch import Tensor, nn
 
+from benchmark import distributed
 from benchmark.attacks import eval_mode
-from benchmark.errors import RFTBenchError, unknown_choice
-from benchmark.results import condition_columns, eps_grid
+from benchmark.conditions import CONDITIONS, check_conditions, condition_columns, eps_grid
+from benchmark.errors import RFTBenchError
+from benchmark.registry import resolve
 
 log = logging.getLogger(__name__)
 
-AUTOATTACK_NORMS = ("Linf", "L2", "L1")
-AUTOATTACK_VERSIONS = ("standard", "plus", "rand", "custom")
+MIN_CORRUPTION_SIDE = 32  # imagecorruptions refuses smaller images
 
 
 @dataclass(kw_only=True)
@@ -55,9 +58,22 @@ class Measurement:
 
 
 @dataclass(frozen=True)
+class NativeImages:
+    """The test split at its native resolution, for a condition that changes images before the
+    test transform (corruptions as the published study applied them). `images()` loads them:
+    uint8 HWC RGB arrays in test order; `to_input` is the test transform, from such images to
+    model inputs like `Context.x` (float32 NCHW in [0, 1] at the model's input size)."""
+
+    images: Callable[[], list[np.ndarray]]
+    to_input: Callable[[list[np.ndarray]], Tensor]
+
+
+@dataclass(frozen=True)
 class Context:
-    """What every condition gets: the model (in eval mode), the test split on the CPU, where the
-    model runs, where resumable state goes, and the batch size."""
+    """What every condition gets: the model (in eval mode), one evaluation batch of the test
+    split on the CPU (`x`, `y`: test examples `first` to `first + len(y)` of `n_test`; batch
+    number `batch`), where the model runs, where resumable state goes, the batch size, and the
+    test split at its native resolution where the caller has it."""
 
     model: nn.Module
     x: Tensor
@@ -66,6 +82,14 @@ class Context:
     work_dir: Path
     batch_size: int
     condition: str
+    native: NativeImages | None = None
+    batch: int = 0
+    first: int = 0
+    n_test: int | None = None  # None: x is the whole test split
+
+    @property
+    def test_size(self) -> int:
+        return len(self.y) if self.n_test is None else self.n_test
 
     def predict(self, x: Tensor) -> Tensor:
         """Predicted labels (on the CPU) of the CPU images `x`, batch by batch."""
@@ -74,26 +98,43 @@ class Context:
                               for batch in x.split(self.batch_size)])
 
 
-# A kind returns the per-example scores (test order; bool when an example is simply correct or
-# not) and its description: the Measurement fields norm, epsilon, eps_grid, attack,
-# attack_version that apply to it.
-Kind = Callable[[Context, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
+# A kind's measurement: the per-example scores of the context's batch, in test order (bool when
+# an example is simply correct or not). Its description (the Measurement fields norm to
+# attack_version) comes from its CONDITIONS entry.
+Measure = Callable[[Context, dict[str, Any]], Tensor]
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, eval_cfg: dict[str, dict[str, Any]], work_dir: Path, *,
-             batch_size: int = 250) -> list[Measurement]:
+             batch_size: int = 250, native: NativeImages | None = None,
+             group: distributed.Group = distributed.SINGLE) -> list[Measurement]:
     """Measure every condition of `eval_cfg` (condition name -> config), in its order, with the
     model in eval mode (its flags are restored afterwards). `x`, `y` are the whole test split on
-    the CPU; batches move to the model's device. AutoAttack state goes under `work_dir/aa_state`
-    so an interrupted evaluation resumes."""
+    the CPU; batches move to the model's device. `native`: the same split at its native
+    resolution (needed by corruptions at resolution native). AutoAttack state goes under
+    `work_dir/aa_state` so an interrupted evaluation resumes.
+
+    Each condition is measured batch by batch (`batch_size` test examples, each batch's random
+    draws seeded by its index), so the ranks of `group` share the batches (rank r takes batches
+    r, r + N, ...) and every rank gets the per-example results of all, in test order: the same
+    whatever the number of ranks."""
     check_conditions(eval_cfg)
     device = next(model.parameters()).device
+    if native is not None:  # loaded once, by the first batch that needs it
+        native = replace(native, images=functools.cache(native.images))
     measurements = []
     with eval_mode(model):
         for condition, cfg in eval_cfg.items():
             start = time.perf_counter()
-            context = Context(model, x, y, device, Path(work_dir), batch_size, condition)
-            scores, description = KINDS[cfg["kind"]](context, cfg)
+            kind = CONDITIONS[cfg["kind"]]
+            batches = [(k, first) for k, first in enumerate(range(0, len(y), batch_size))]
+            mine = {k: resolve(kind.measure)(Context(model, x[first:first + batch_size], y[first:first + batch_size],
+                                                     device, Path(work_dir), batch_size, condition, native,
+                                                     batch=k, first=first, n_test=len(y)), cfg)
+                    for k, first in (batches[i] for i in group.shard(len(batches)))}
+            everyone = group.gather(mine)
+            scores = torch.cat([everyone[k] for k in range(len(batches))])
+            version = importlib.metadata.version(kind.package) if kind.package else None
+            description = {**condition_columns(cfg), "attack_version": version}
             score = scores.double().numpy()  # float64: a bool count's mean is then n_correct / n exactly
             measurement = Measurement(condition=condition, **description, n_examples=len(score),
                                       n_correct=int((score == 1).sum()), accuracy=float(score.mean()),
@@ -104,24 +145,9 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eval_cfg: dict[str, dict[st
     return measurements
 
 
-def check_conditions(eval_cfg: dict[str, dict[str, Any]]) -> None:
-    """Refuse a condition that could not run (unknown kind, norm, version, corruption; a bad
-    eps grid), naming it: `evaluate` checks all before measuring any, a launch before submitting."""
-    for condition, cfg in eval_cfg.items():
-        kind = cfg["kind"]
-        if kind not in KINDS:
-            raise unknown_choice(f"eval kind (condition {condition})", kind, KINDS)
-        if kind in ("autoattack", "expected"):
-            _check_autoattack(condition, cfg)
-        if kind == "expected":
-            eps_grid(cfg)
-        if kind == "corruptions":
-            _imagecorruptions(cfg["corruptions"], cfg["severity"])
-
-
-def clean(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+def clean(ctx: Context, cfg: dict[str, Any]) -> Tensor:
     """Accuracy of the argmax prediction on the test images as they are."""
-    return ctx.predict(ctx.x) == ctx.y, {}
+    return ctx.predict(ctx.x) == ctx.y
 
 
 # --- AutoAttack ------------------------------------------------------------------------------
@@ -134,28 +160,17 @@ def clean(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
 # Note that the state is saved at each batch but the list of attacks done lazily (at most once a
 # minute), so a resume may repeat the last finished attack on its survivors.
 
-def autoattack(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-    """AutoAttack (pyautoattack, Croce & Hein 2020) at cfg norm, eps, version, seed. With
-    version "custom", cfg `attacks` lists the attacks (pyautoattack's defaults for each)."""
-    path = ctx.work_dir / "aa_state" / f"{ctx.condition}.json"
+def autoattack(ctx: Context, cfg: dict[str, Any]) -> Tensor:
+    """AutoAttack (pyautoattack, Croce & Hein 2020) at cfg norm, eps, version, on the context's
+    batch, seeded by cfg seed + the batch's index. With version "custom", cfg `attacks` lists the
+    attacks (pyautoattack's defaults for each). Its state: `aa_state/<condition>/batch<k>.json`."""
+    cfg = {**cfg, "seed": cfg["seed"] + ctx.batch}
+    path = ctx.work_dir / "aa_state" / ctx.condition / f"batch{ctx.batch}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     state = _resumable_state(path, ctx) if path.exists() else None
     if state is None:
-        robust = _run_autoattack(ctx, cfg, ctx.x, ctx.y, path)
-    else:
-        robust = _resume_autoattack(ctx, cfg, state, path)
-    description = {**condition_columns(cfg), "epsilon": float(cfg["eps"]), "attack_version": pyautoattack.__version__}
-    return robust, description
-
-
-def _check_autoattack(condition: str, cfg: dict[str, Any]) -> None:
-    if cfg["norm"] not in AUTOATTACK_NORMS:
-        raise unknown_choice(f"AutoAttack norm (condition {condition})", cfg["norm"], AUTOATTACK_NORMS)
-    if cfg["version"] not in AUTOATTACK_VERSIONS:
-        raise unknown_choice(f"AutoAttack version (condition {condition})", cfg["version"], AUTOATTACK_VERSIONS)
-    if (cfg["version"] == "custom") != bool(cfg.get("attacks")):
-        raise RFTBenchError(f"condition {condition}: AutoAttack takes a list of `attacks` with version "
-                            f"custom, and only then (got version {cfg['version']!r}, attacks {cfg.get('attacks')!r})")
+        return _run_autoattack(ctx, cfg, ctx.x, ctx.y, path)
+    return _resume_autoattack(ctx, cfg, state, path)
 
 
 def _new_autoattack(ctx: Context, cfg: dict[str, Any]) -> pyautoattack.AutoAttack:
@@ -231,9 +246,9 @@ def _resumable_state(path: Path, ctx: Context) -> EvaluationState | None:
 
 # --- expected robustness ---------------------------------------------------------------------
 
-def expected_robustness(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+def expected_robustness(ctx: Context, cfg: dict[str, Any]) -> Tensor:
     """Expected robustness (Ngnawe et al., 2025): the mean robust accuracy over eps uniform in
-    [0, cfg eps], by the trapezoid rule on the grid of `results.eps_grid` (eps = 0 is the clean
+    [0, cfg eps], by the trapezoid rule on the grid of `conditions.eps_grid` (eps = 0 is the clean
     accuracy). Every other budget is the cfg's AutoAttack (custom: APGD-CE) run on every example,
     resumable as its own condition `<condition>@<k>`. An example's score is the trapezoid mean
     of its correctness over the grid, so the scores' mean is the trapezoid mean of the curve."""
@@ -242,11 +257,10 @@ def expected_robustness(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict
     curve = [ctx.predict(ctx.x) == ctx.y]
     for k, eps in enumerate(grid[1:], start=1):
         at_eps = replace(ctx, condition=f"{ctx.condition}@{k}")
-        curve.append(autoattack(at_eps, {**attack_cfg, "kind": "autoattack", "eps": eps})[0])
+        curve.append(autoattack(at_eps, {**attack_cfg, "kind": "autoattack", "eps": eps}))
     log.info("%s: accuracy at eps = k/%d of %g, k = 0..%d: %s", ctx.condition, len(grid) - 1, grid[-1],
              len(grid) - 1, " ".join(f"{float(correct.double().mean()):.3f}" for correct in curve))
-    description = {**condition_columns(cfg), "attack_version": pyautoattack.__version__}
-    return trapezoid_scores(torch.stack(curve)), description
+    return trapezoid_scores(torch.stack(curve))
 
 
 def trapezoid_scores(correct: Tensor) -> Tensor:
@@ -260,35 +274,83 @@ def trapezoid_scores(correct: Tensor) -> Tensor:
 
 # --- common corruptions ----------------------------------------------------------------------
 
-def corruptions(ctx: Context, cfg: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-    """Accuracy on the test images corrupted one corruption per image (see `corrupt_images`)."""
-    predictions = torch.cat([
-        ctx.predict(corrupt_images(batch, start, cfg["corruptions"], cfg["severity"], cfg["seed"]))
-        for start, batch in zip(range(0, len(ctx.x), ctx.batch_size), ctx.x.split(ctx.batch_size))
-    ])
-    description = {"attack": f"corruptions-severity{cfg['severity']}",
-                   "attack_version": importlib.metadata.version("imagecorruptions")}
-    return predictions == ctx.y, description
+def corruptions(ctx: Context, cfg: dict[str, Any]) -> Tensor:
+    """Accuracy on the test images corrupted one corruption per image (see `corrupted_inputs`)."""
+    return torch.cat([ctx.predict(batch) for batch in corrupted_inputs(ctx, cfg)]) == ctx.y
 
 
-def corrupt_images(x: Tensor, first_index: int, names: list[str], severity: int, seed: int) -> Tensor:
-    """Corrupted copies of the float CHW [0, 1] images `x`, whose test indices start at
-    `first_index`: image i gets corruption names[i % len(names)] at `severity`, its randomness
-    seeded by (seed, i) alone, so each image's corruption is the same on every run whatever the
-    batching. Images go through uint8 HWC (imagecorruptions' format; at least 32x32 pixels).
+def corrupted_inputs(ctx: Context, cfg: dict[str, Any]) -> Iterator[Tensor]:
+    """The corrupted test split as model inputs, batch by batch in test order. Example i gets
+    corruption `corruption_plan(n, ...)[i]` at cfg severity, seeded by (cfg seed, i) (see
+    `corrupt_images`). At cfg resolution `native` (the published study) the native-resolution
+    image is corrupted and then goes through the test transform; at `input`, the model's input
+    image `ctx.x[i]` is corrupted."""
+    plan = corruption_plan(ctx.test_size, cfg["corruptions"], cfg["assignment"])
+    images, to_input = _corruption_source(ctx, cfg["resolution"])
+    for start in range(0, len(ctx.y), ctx.batch_size):
+        stop = min(start + ctx.batch_size, len(ctx.y))
+        first = ctx.first + start  # test index of x[start]
+        yield to_input(corrupt_images(images(start, stop), first, plan[first:ctx.first + stop], cfg["severity"],
+                                      cfg["seed"]))
+
+
+def corruption_plan(n: int, names: Sequence[str], assignment: str) -> list[str]:
+    """The corruption of each of `n` test examples, in test order. `blocks` (the published
+    study): contiguous blocks of floor(n / len(names)) examples per corruption, in the list's
+    order, the remainder wrapping round to the first names (blocks of 1 when n < len(names));
+    `round_robin`: names[i % len(names)]."""
+    block = max(1, n // len(names)) if assignment == "blocks" else 1
+    return [names[(i // block) % len(names)] for i in range(n)]
+
+
+def _corruption_source(ctx: Context, resolution: str) -> tuple[Callable[[int, int], list[np.ndarray]],
+                                                                Callable[[list[np.ndarray]], Tensor]]:
+    """The images to corrupt (the context's examples start to stop, uint8 HWC) and the transform
+    from corrupted images to model inputs, at `resolution`."""
+    if resolution == "input":
+        return lambda start, stop: _uint8_images(ctx.x[start:stop]), _float_images
+    if ctx.native is None:
+        raise RFTBenchError(f"condition {ctx.condition}: corruptions at resolution native need the test images at "
+                            f"their native resolution, and this evaluation was given none")
+    native = ctx.native.images()
+    if len(native) != ctx.test_size:
+        raise ValueError(f"{len(native)} native-resolution test images for a test split of {ctx.test_size}")
+    smallest = min(min(image.shape[:2]) for image in native)
+    if smallest < MIN_CORRUPTION_SIDE:
+        raise RFTBenchError(
+            f"condition {ctx.condition}: the corruptions need images of at least {MIN_CORRUPTION_SIDE}x"
+            f"{MIN_CORRUPTION_SIDE} pixels, and the smallest native test image has a side of {smallest} pixels; "
+            f"corrupt the model's input instead (eval.{ctx.condition}.resolution=input)")
+    return lambda start, stop: native[ctx.first + start:ctx.first + stop], ctx.native.to_input
+
+
+def _uint8_images(x: Tensor) -> list[np.ndarray]:
+    """Float NCHW [0, 1] images as uint8 HWC arrays (imagecorruptions' format)."""
+    return list((x.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+def _float_images(images: list[np.ndarray]) -> Tensor:
+    """uint8 HWC arrays of one size as float NCHW [0, 1] images."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255)
+
+
+def corrupt_images(images: Sequence[np.ndarray], first_index: int, names: Sequence[str], severity: int,
+                   seed: int) -> list[np.ndarray]:
+    """Corrupted copies of the uint8 HWC images `images` (at least 32x32 pixels), image k being
+    test example i = first_index + k: it gets corruption names[k] at `severity`, its randomness
+    seeded by (seed, i) alone, so each example's corruption is the same on every run whatever
+    the batching.
 
     imagecorruptions draws from numpy's global RNG, so it is seeded per image with
     seed * 1_000_003 + i; the caller's global numpy RNG state is restored afterwards. Its
     impulse_noise is the exception: see `_impulse_noise`.
     """
-    corrupt = _imagecorruptions(names, severity)
-    images = (x.permute(0, 2, 3, 1) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    corrupt = _imagecorruptions()
     rng_state = np.random.get_state()
     try:
         out = []
-        for offset, image in enumerate(images):
-            i = first_index + offset
-            name, image_seed = names[i % len(names)], (seed * 1_000_003 + i) % 2**32
+        for offset, (image, name) in enumerate(zip(images, names, strict=True)):
+            image_seed = (seed * 1_000_003 + first_index + offset) % 2**32
             np.random.seed(image_seed)
             if name == "impulse_noise":
                 corrupted = _impulse_noise(image, severity, image_seed)
@@ -299,7 +361,7 @@ def corrupt_images(x: Tensor, first_index: int, names: list[str], severity: int,
             out.append(corrupted)
     finally:
         np.random.set_state(rng_state)
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float().div(255)
+    return out
 
 
 def _impulse_noise(image: np.ndarray, severity: int, seed: int) -> np.ndarray:
@@ -311,19 +373,10 @@ def _impulse_noise(image: np.ndarray, severity: int, seed: int) -> np.ndarray:
     return np.uint8(np.clip(noisy, 0, 1) * 255)  # the package's conversion (truncating)
 
 
-def _imagecorruptions(names: list[str], severity: int) -> Callable[..., np.ndarray]:
-    """imagecorruptions' `corrupt`, after checking the names and severity. Imported here: it is
-    slow to import, and it warns that it imports pkg_resources (it needs setuptools<81)."""
+def _imagecorruptions() -> Callable[..., np.ndarray]:
+    """imagecorruptions' `corrupt`. Imported here: it is slow to import, and it warns that it
+    imports pkg_resources (it needs setuptools<81)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        from imagecorruptions import corrupt, get_corruption_names
-    for name in names:
-        if name not in get_corruption_names("all"):
-            raise unknown_choice("corruption", name, get_corruption_names("all"))
-    if severity not in (1, 2, 3, 4, 5):
-        raise RFTBenchError(f"corruption severity must be an integer from 1 to 5, got {severity!r}")
+        from imagecorruptions import corrupt
     return corrupt
-
-
-KINDS: dict[str, Kind] = {"clean": clean, "autoattack": autoattack, "expected": expected_robustness,
-                          "corruptions": corruptions}

@@ -32,19 +32,27 @@ from torch import nn
 from benchmark.atomic import write_atomic, write_json_atomic
 from benchmark.errors import RFTBenchError
 from benchmark.study import plan
+from benchmark.weights import by_hand, require_weights, weights_path
+
+
+# timm's names of the module that classifies, as the published study took its "head".
+HEAD_MODULES = ("head", "fc", "classifier")
 
 
 class Classifier(nn.Module):
     """A timm model behind its input normalisation: `forward` takes [0, 1] pixels.
 
-    `freeze_backbone` makes it a linear probe: only the head (timm's `get_classifier()`) trains,
-    and the backbone stays in eval mode whatever `.train()` says, so BatchNorm statistics and
-    dropout of the fixed feature extractor never change.
+    The head is timm's classifier (`get_classifier()`, the final linear layer) or, with
+    `head="module"`, timm's whole head module (the published study's choice; for ConvNeXt and
+    EdgeNeXt it also holds the LayerNorm before the linear layer). `freeze_backbone` makes it a
+    linear probe: only the head trains, and the backbone stays in eval mode whatever `.train()`
+    says, so BatchNorm statistics and dropout of the fixed feature extractor never change.
     """
 
-    def __init__(self, model: nn.Module, mean: list[float], std: list[float]):
+    def __init__(self, model: nn.Module, mean: list[float], std: list[float], head: str = "classifier"):
         super().__init__()
         self.model = model
+        self.head_kind = head  # a name, not a second reference: state dict keys stay the model's
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.backbone_frozen = False
@@ -52,8 +60,11 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model((x - self.mean) / self.std)
 
+    def head(self) -> nn.Module:
+        return head_module(self.model, self.head_kind)
+
     def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.model.get_classifier().parameters())
+        return list(self.head().parameters())
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         head = {id(p) for p in self.head_parameters()}
@@ -69,19 +80,31 @@ class Classifier(nn.Module):
         super().train(mode)
         if self.backbone_frozen:
             self.model.eval()
-            self.model.get_classifier().train(mode)
+            self.head().train(mode)
         return self
 
 
-def weights_path(model_cfg: dict[str, Any], weights_root: Path) -> Path:
-    return Path(weights_root) / model_cfg["weights"]["file"]
+def head_module(model: nn.Module, head: str) -> nn.Module:
+    """The module `head` names: timm's classifier, or the model's head/fc/classifier module."""
+    if head == "classifier":
+        return model.get_classifier()
+    for name in HEAD_MODULES:
+        module = getattr(model, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise RFTBenchError(f"{type(model).__name__} has none of the head modules {', '.join(HEAD_MODULES)} (model.head=module)")
 
 
-def require_weights(model_cfg: dict[str, Any], weights_root: Path) -> None:
-    """Raise a clear error when the model's weights file is absent (demo weights are made)."""
-    path = weights_path(model_cfg, weights_root)
-    if model_cfg["source"] != "demo" and not path.exists():
-        raise RFTBenchError(_missing_weights_message(model_cfg, path))
+def input_statistics(model_cfg: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """(mean, std) the model normalises with: its checkpoint's (`input.mean/std`), or under
+    `input.normalization: authors` the published study's rule: OpenAI-CLIP statistics iff the
+    backbone's study name contains "laion", ImageNet's otherwise."""
+    cfg = model_cfg["input"]
+    if cfg["normalization"] == "checkpoint":
+        return cfg["mean"], cfg["std"]
+    if "laion" in (model_cfg.get("study_name") or model_cfg["name"]):
+        return list(timm.data.OPENAI_CLIP_MEAN), list(timm.data.OPENAI_CLIP_STD)
+    return list(timm.data.IMAGENET_DEFAULT_MEAN), list(timm.data.IMAGENET_DEFAULT_STD)
 
 
 def create_model(model_cfg: dict[str, Any], num_classes: int, weights_root: Path) -> Classifier:
@@ -101,7 +124,7 @@ def create_model(model_cfg: dict[str, Any], num_classes: int, weights_root: Path
                         overlay={"state_dict": checkpoint, "num_classes": 0})
     model.pretrained_cfg.pop("state_dict")  # timm keeps its cfg on the model: free the tensors
     _check_backbone_loaded(model, checkpoint, path)
-    return Classifier(model, model_cfg["input"]["mean"], model_cfg["input"]["std"])
+    return Classifier(model, *input_statistics(model_cfg), head=model_cfg["head"])
 
 
 def _timm_model(model_cfg: dict[str, Any], num_classes: int, pretrained: bool,
@@ -150,22 +173,6 @@ def unwrap_robust_checkpoint(state_dict: dict[str, torch.Tensor]) -> dict[str, t
         if not key.startswith(_WRAPPER_ENTRIES):
             out[key] = value
     return out
-
-
-def _missing_weights_message(model_cfg: dict[str, Any], path: Path) -> str:
-    name = model_cfg["name"]
-    fetch = f"rftbench fetch-weights study=paper model={name}"
-    if model_cfg["source"] == "local":
-        return (f"pretrained weights of {name!r} not found: {path}. {_by_hand(model_cfg, path)} "
-                f"(`{fetch}` says the same for every backbone that needs it)")
-    return (f"pretrained weights of {name!r} not found: {path}. Fetch them with `{fetch}` on a "
-            "machine with internet access, then copy the weights folder here or point "
-            "RFTBENCH_WEIGHTS (paths.weights) at it")
-
-
-def _by_hand(model_cfg: dict[str, Any], path: Path) -> str:
-    return (f"Download the checkpoint from {model_cfg['weights']['url']} (conf/model/{model_cfg['name']}.yaml "
-            f"says which file) and save it as {path}")
 
 
 # The demo's source pretraining: classify the digits 0-5 of scikit-learn's bundled 8x8 digits,
@@ -281,7 +288,7 @@ def fetch_weights_command(args: argparse.Namespace) -> int:
             print(f"{name}: present {path}")
         elif model_cfg["source"] == "local":
             complete = False
-            print(f"{name}: to download by hand. {_by_hand(model_cfg, path)}")
+            print(f"{name}: to download by hand. {by_hand(model_cfg, path)}")
         elif hub_offline:
             complete = False
             print(f"{name}: not attempted: the Hugging Face hub is unreachable (see above)")

@@ -1,7 +1,7 @@
 """Where results, prepared datasets and weights live: an environment variable, else a default.
 
 The Hydra config (`paths.*`) resolves the same variables; this module serves code that runs
-without a config, such as `results.load()` on a laptop.
+without a config, such as `tables.load()` on a laptop.
 """
 from __future__ import annotations
 

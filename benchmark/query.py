@@ -24,16 +24,9 @@ import pyarrow as pa
 from benchmark.cell import AXES
 from benchmark.collect import ensure_collected, print_warnings, truncated_cells, truncation_warning
 from benchmark.errors import RFTBenchError
-from benchmark.results import (
-    CELL_SCHEMA,
-    CELLS_FILE,
-    MEASUREMENTS_FILE,
-    existing_study_dir,
-    read_rows,
-    read_table,
-    study_from,
-    wide,
-)
+from benchmark.results import CELL_SCHEMA, CELLS_FILE, MEASUREMENTS_FILE, read_rows, read_table
+from benchmark.arguments import study_and_root
+from benchmark.tables import existing_study_dir, wide
 
 FORMATS = ("table", "csv", "json", "markdown")
 
@@ -86,7 +79,7 @@ def render(table: pa.Table, fmt: str) -> str:
 
 
 def query_command(args: argparse.Namespace) -> int:
-    directory = existing_study_dir(*study_from(args.overrides))
+    directory = existing_study_dir(*study_and_root(args.overrides))
     collected = ensure_collected(directory)
     if collected:
         print(f"collected study {directory.name} first: {collected.cells} cells, {collected.measurements} measurements",

@@ -13,21 +13,28 @@ n_correct = round(accuracy * n_examples) while `accuracy` keeps the published va
 published numbers were computed on fewer images, and the file does not say which, so imported
 cells are not flagged truncated); seed, attempts, versions and times are null; `source` is
 "imported" and `source_file` names the file and its sha256.
+
+Published cells whose numbers come from a flaw of the authors' pipeline, not from the model
+(PUBLISHED_FLAWS), are listed in `<study>/flags.csv` (FLAG_COLUMNS; `flag` says why), which the
+analysis shows beside the study's results.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 
+from benchmark.atomic import write_text_atomic
 from benchmark.cell import AXES, ROWS_FILE, Cell, write_config
 from benchmark.collect import CELLS_DIR, Collected, collect, print_warnings
+from benchmark.conditions import condition_columns
 from benchmark.errors import RFTBenchError
 from benchmark.paths import study_dir
 from benchmark.results import (
@@ -36,20 +43,45 @@ from benchmark.results import (
     COLUMNS,
     MEASUREMENTS_FILE,
     CorruptResultError,
-    condition_columns,
     read_rows,
     read_table,
     rows_table,
-    study_from,
     write_table,
 )
 from benchmark.study import load_option, options, plan
+from benchmark.arguments import study_and_root
 
 PUBLISHED_STUDY = "paper"  # the conf/study whose cells the published table holds
 DEFAULT_STUDY = "paper-published"
 # Their column per axis, and their accuracy column per condition (an eval option of ours).
 AXIS_COLUMNS = {"dataset": "dataset", "model": "backbone", "loss": "loss_function", "protocol": "ft_strategy"}
 CONDITIONS = {"clean_acc": "clean", "Linf_acc": "linf", "L2_acc": "l2", "L1_acc": "l1", "common_acc": "common"}
+FLAGS_FILE = "flags.csv"  # in the study's directory
+FLAG_COLUMNS = (*AXES, "flag")
+
+
+@dataclass(frozen=True)
+class PublishedFlaw:
+    """The published cells of `model` under `protocol` (every dataset and loss) are not the
+    model's numbers, because of `reason` (a sentence, written into flags.csv)."""
+
+    model: str
+    protocol: str
+    reason: str
+
+
+_NOT_LOADED = ("the authors loaded the pretrained {name} weights with strict=False, which silently skipped "
+               "them, so linear probing trained a head on a backbone that was not pretrained: the published "
+               "numbers sit at chance (a loading failure, not a property of the model)")
+# Both the authors' pipeline and the published numbers support each entry: every LP-50 cell of these
+# two backbones is at chance, and no other backbone's are. Their FFT cells presumably started from
+# the unloaded backbone too, but the numbers do not single them out, so they are not flagged:
+# FFT-50 is far above chance (0.4 to 0.65 clean on Caltech-101 and UC Merced), and under FFT-5 a
+# backbone the authors loaded through timm (vit_small_patch16_224.dino) is as close to chance.
+PUBLISHED_FLAWS = (
+    PublishedFlaw("tf_efficientnet_b0.in1k", "lp50", _NOT_LOADED.format(name="EfficientNet-B0")),
+    PublishedFlaw("mobilevit_s.cvnets_in1k", "lp50", _NOT_LOADED.format(name="MobileViT-S")),
+)
 
 
 def import_reference(path: Path, study: str = DEFAULT_STUDY, results_root: Path | None = None) -> Collected:
@@ -69,6 +101,9 @@ def import_reference(path: Path, study: str = DEFAULT_STUDY, results_root: Path 
         cell_dir = cell.directory(directory)
         write_config(cell, cell_dir, study)
         _write_if_changed(cell_dir / ROWS_FILE, rows_table(published_rows(cell, row, study, source_file)))
+    flags = published_flags(cells).to_csv(index=False)
+    if not (directory / FLAGS_FILE).is_file() or (directory / FLAGS_FILE).read_text() != flags:
+        write_text_atomic(directory / FLAGS_FILE, flags)
     return collect(directory)
 
 
@@ -127,6 +162,14 @@ def published_cells(table: pd.DataFrame) -> list[Cell]:
     return [by_axes[key] for key in keys]
 
 
+def published_flags(cells: Iterable[Cell]) -> pd.DataFrame:
+    """One row per cell that PUBLISHED_FLAWS names (FLAG_COLUMNS), in the order of `cells`."""
+    reasons = {(flaw.model, flaw.protocol): flaw.reason for flaw in PUBLISHED_FLAWS}
+    rows = [{**cell.axes, "flag": reasons[cell.model, cell.protocol]}
+            for cell in cells if (cell.model, cell.protocol) in reasons]
+    return pd.DataFrame(rows, columns=list(FLAG_COLUMNS))
+
+
 def published_rows(cell: Cell, row: Mapping[str, Any], study: str, source_file: str) -> list[dict[str, Any]]:
     """The cell's five rows: the published accuracies, counts on the configured test size."""
     n_examples = cell.config["dataset"]["test_size"]
@@ -149,11 +192,12 @@ def published_rows(cell: Cell, row: Mapping[str, Any], study: str, source_file: 
 
 
 def import_command(args: argparse.Namespace) -> int:
-    study, results_root = study_from(args.overrides, default=DEFAULT_STUDY)
+    study, results_root = study_and_root(args.overrides, default=DEFAULT_STUDY)
     path = Path(args.path)
     report = import_reference(path, study, results_root)
+    flagged = len(pd.read_csv(report.study_dir / FLAGS_FILE))
     print(f"imported {path.name} as study {study}: {report.cells} cells, {report.measurements} measurements "
-          f"in {report.study_dir}")
+          f"in {report.study_dir}; {flagged} published cells flagged in {FLAGS_FILE}")
     print_warnings(report)
     return 1 if report.problems else 0
 

@@ -1,5 +1,7 @@
-"""The result tables: the row schema (one per cell x condition) and the study's collected tables,
-defined once here, versioned, written atomically, and loaded into pandas without torch.
+"""The result tables: the row schema (one per cell x condition) and the study's collected cell
+table, defined once here, versioned, written atomically, and read back checked, without torch.
+Loading a study's tables by name is `benchmark.tables`; what a condition's columns hold is
+`benchmark.conditions`.
 
 A row carries what was measured (counts, not only a ratio) and what produced it (benchopt-style
 provenance), so a table can be trusted and re-derived without the cell directory. Layout and
@@ -7,22 +9,20 @@ every column are documented in results/README.md.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmark.atomic import write_atomic
 from benchmark.cell import AXES
-from benchmark.errors import RFTBenchError, unknown_choice
-from benchmark.paths import study_dir
+from benchmark.errors import RFTBenchError
 
-if TYPE_CHECKING:  # pandas is imported by to_pandas() when a table is loaded: commands that only
-    import pandas as pd  # read a few Parquet columns (e.g. plan's cost estimate) skip its import
-
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# The nullable columns each version added: a file of an older version is read with them null
+# (results written before an upgrade stay readable and are never rewritten).
+ADDED_COLUMNS = {2: ("precision", "world_size")}
 
 MEASUREMENTS_FILE = "measurements.parquet"  # the long table: one row per cell x condition
 CELLS_FILE = "cells.parquet"                # one row per cell directory
@@ -58,6 +58,8 @@ ROW_SCHEMA = pa.schema(
         ("timm_version", pa.string()),
         ("autoattack_version", pa.string()),
         ("device", pa.string()),
+        ("precision", pa.string()),          # the training precision that ran: fp32 | fp16 | bf16; imported: null
+        ("world_size", pa.int32()),           # processes (ranks) that trained and evaluated the cell; imported: null
         ("host", pa.string()),
         ("slurm_job_id", pa.string()),
         ("started_at", _TIME),
@@ -150,14 +152,15 @@ def read_table(path: Path, schema: pa.Schema) -> pa.Table:
             table = pq.ParquetFile(source).read(use_threads=False)
     except (OSError, pa.ArrowException) as err:
         raise CorruptResultError(path, f"unreadable Parquet ({err})") from None
+    versions = set(table.column("schema_version").to_pylist()) if "schema_version" in table.column_names else set()
+    if versions - set(range(1, SCHEMA_VERSION + 1)):
+        raise CorruptResultError(path, f"schema_version {sorted(versions, key=str)}, expected {SCHEMA_VERSION} or older")
+    table = _with_added_columns(table, schema, min(versions, default=SCHEMA_VERSION))
     present = set(table.column_names)
     missing = [name for name in schema.names if name not in present]
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise CorruptResultError(path, f"not a result file of this schema: {len(missing)} columns missing ({shown})")
-    versions = set(table.column("schema_version").to_pylist())
-    if versions - {SCHEMA_VERSION}:
-        raise CorruptResultError(path, f"schema_version {sorted(versions, key=str)}, expected {SCHEMA_VERSION}")
     if table.schema.equals(schema, check_metadata=False):
         return table
     try:
@@ -166,94 +169,15 @@ def read_table(path: Path, schema: pa.Schema) -> pa.Table:
         raise CorruptResultError(path, f"columns of the wrong type ({err})") from None
 
 
+def _with_added_columns(table: pa.Table, schema: pa.Schema, version: int) -> pa.Table:
+    """`table` of schema `version` with the columns later versions added, null."""
+    for later in range(version + 1, SCHEMA_VERSION + 1):
+        for name in ADDED_COLUMNS.get(later, ()):
+            if name in schema.names and name not in table.column_names:
+                table = table.append_column(schema.field(name), pa.nulls(len(table), schema.field(name).type))
+    return table
+
+
 def read_rows(path: Path) -> pa.Table:
     """A row file (or the collected measurements), checked against the row schema."""
     return read_table(path, ROW_SCHEMA)
-
-
-def condition_columns(spec: dict[str, Any]) -> dict[str, Any]:
-    """The norm, epsilon, eps_grid and attack columns of a condition, from its `eval` config node.
-    An expected-robustness condition runs its AutoAttack at every budget of its grid; its
-    epsilon is the grid's end."""
-    kind = spec["kind"]
-    if kind in ("autoattack", "expected"):
-        budget = "".join(f",{key}={spec[key]}" for key in ("n_iter", "n_restarts") if key in spec)
-        attacks = f"({','.join(spec['attacks'])}{budget})" if spec.get("attacks") else ""
-        attack = f"{'expected-' if kind == 'expected' else ''}autoattack-{spec['version']}{attacks}"
-    elif kind == "corruptions":
-        attack = f"corruptions-severity{spec['severity']}"
-    else:
-        attack = None if kind == "clean" else kind
-    grid = eps_grid(spec) if kind == "expected" else None
-    return {"norm": spec.get("norm"), "epsilon": spec.get("eps"), "eps_grid": grid, "attack": attack}
-
-
-def eps_grid(spec: dict[str, Any]) -> list[float]:
-    """The budgets of an expected-robustness condition: 0 to `eps` in steps of `grid_step`
-    (e.g. 4/255 in steps of 1/255: 0, 1/255, ..., 4/255). `eps` must be a whole number of steps;
-    the points are k * eps / M, so the last is `eps` exactly."""
-    eps, step = float(spec["eps"]), float(spec["grid_step"])
-    intervals = round(eps / step) if step > 0 else 0
-    if eps <= 0 or intervals < 1 or abs(intervals * step - eps) > 1e-9 * eps:
-        raise RFTBenchError(f"expected robustness needs eps > 0 that is a whole number of grid steps: got "
-                            f"eps={eps!r}, grid_step={step!r} (e.g. eps=4/255, grid_step=1/255)")
-    return [k * eps / intervals for k in range(intervals + 1)]
-
-
-def study_from(overrides: Sequence[str], default: str = "demo") -> tuple[str, Path | None]:
-    """The study named by `study=NAME` (else `default`) and the results root `paths.results=DIR`
-    (None: the default root). Commands over existing results take only these two keys: a
-    collected study needs no config (an imported one has none in conf/study)."""
-    values: dict[str, str | None] = {"study": default, "paths.results": None}
-    for word in overrides:
-        key, sep, value = word.partition("=")
-        if not sep:
-            raise RFTBenchError(f"malformed argument {word!r}: expected key=value, e.g. study={default}")
-        if key not in values:
-            raise unknown_choice("key", key, values)
-        values[key] = value
-    results_root = values["paths.results"]
-    return str(values["study"]), Path(results_root) if results_root else None
-
-
-def existing_study_dir(study: str, results_root: Path | None = None) -> Path:
-    """`study`'s directory; an error listing the studies there if it does not exist."""
-    directory = study_dir(study, results_root)
-    if directory.is_dir():
-        return directory
-    parent = directory.parent
-    studies = [p.name for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
-    if not studies:
-        raise RFTBenchError(f"no study {study!r}: {parent} holds no study directories")
-    raise RFTBenchError(f"{unknown_choice('study', study, studies)} (the study directories in {parent})")
-
-
-def load(study: str, results_root: Path | None = None) -> pd.DataFrame:
-    """The study's long table (one row per cell x condition) from `<results root>/<study>/`.
-
-    `results_root` defaults to `$RFTBENCH_RESULTS`, else `results/`. A study whose cells were
-    never collected is collected first.
-    """
-    return _collected(study, results_root, MEASUREMENTS_FILE, ROW_SCHEMA).to_pandas()
-
-
-def load_cells(study: str, results_root: Path | None = None) -> pd.DataFrame:
-    """The study's cell table: config columns, state, attempts, timings, truncation flag."""
-    return _collected(study, results_root, CELLS_FILE, CELL_SCHEMA).to_pandas()
-
-
-def _collected(study: str, results_root: Path | None, name: str, schema: pa.Schema) -> pa.Table:
-    from benchmark.collect import ensure_collected  # collect builds on this module
-
-    directory = existing_study_dir(study, results_root)
-    ensure_collected(directory)
-    return read_table(directory / name, schema)
-
-
-def wide(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell (dataset, model, loss, protocol, cell_id), one accuracy column per
-    condition, in the order the conditions first appear (the evaluation order)."""
-    index = [*AXES, "cell_id"]
-    conditions = list(df["condition"].unique())
-    table = df.pivot(index=index, columns="condition", values="accuracy")
-    return table.reindex(columns=conditions).reset_index().rename_axis(columns=None)

@@ -20,8 +20,8 @@ import pyarrow as pa
 import torch
 
 from benchmark import cell as cells
-from benchmark import data, evaluate, models, results, train
-from benchmark.provenance import provenance
+from benchmark import data, distributed, evaluate, models, results, train
+from benchmark.provenance import JobRecord, provenance
 
 log = logging.getLogger("benchmark")
 
@@ -33,14 +33,15 @@ class Runtime:
     data_root: Path
     weights_root: Path
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int | str = 0  # DataLoader workers, or "auto" (see `loader_workers`)
     eval_batch_size: int = 250
+    collective_timeout_s: float = 1800.0  # ranks of one cell: a collective waiting longer fails the cell
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Runtime:
         paths, runtime = config["paths"], config["runtime"]
         return cls(Path(paths["data"]).resolve(), Path(paths["weights"]).resolve(), runtime["device"],
-                   runtime["num_workers"], runtime["eval_batch_size"])
+                   runtime["num_workers"], runtime["eval_batch_size"], runtime["collective_timeout_s"])
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -48,27 +49,59 @@ class Runtime:
         return torch.device(self.device)
 
 
-def run_cell(cell_dir: Path, runtime: Runtime, job: dict[str, Any] | None = None) -> None:
+MAX_AUTO_WORKERS = 8  # beyond this a loader of 224-px images gains little and each worker costs memory
+
+
+def loader_workers(setting: int | str, device: torch.device) -> int:
+    """DataLoader workers for `runtime.num_workers`: a number as given; `auto` = on CUDA, the
+    job's CPUs (SLURM_CPUS_PER_TASK, else this process's CPU affinity) minus one for the training
+    process, at most MAX_AUTO_WORKERS, so per-image augmentation keeps up with the GPU; on the
+    CPU 0, since the training threads already use every allocated core."""
+    if setting != "auto":
+        return int(setting)
+    if device.type != "cuda":
+        return 0
+    allocated = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+    return max(0, min(MAX_AUTO_WORKERS, allocated - 1))
+
+
+def run_cell(cell_dir: Path, runtime: Runtime, job: JobRecord | None = None) -> None:
     """Train and evaluate the cell in `cell_dir`. Its rows appear only when everything succeeded;
     on failure the state says why (with the traceback) and the exception propagates.
 
-    `job`: what the launcher knows of the job running this (its id, its log), recorded in every
-    state the worker writes, so `status` can ask the scheduler about a worker that died silently.
+    `job`: what the launcher knows of the job running this (its launcher, id, log, CPUs), recorded
+    in every state the worker writes, so `status` can ask the launcher about a worker that died
+    silently.
+
+    A cell run by N processes (torch.distributed's environment variables, set by the launcher:
+    benchmark.distributed) calls this in every one of them. Rank 0 alone writes the state,
+    heartbeat, log, checkpoint and rows; another rank that fails leaves its reason for rank 0,
+    which fails the cell with it (the rank that failed first is named).
     """
     document = cells.read_config(cell_dir)
+    group = distributed.from_environment()
+    distributed.clear_failure(cell_dir, group)
     details = {**(job or {}), "requeues": _requeues(cells.read_state(cell_dir))}
-    cells.write_state(cell_dir, "running", **details, host=os.uname().nodename, pid=os.getpid())
+    if group.writer:
+        cells.write_state(cell_dir, "running", **details, host=os.uname().nodename, pid=os.getpid())
     started = datetime.now(timezone.utc)
     try:
-        _use_allocated_cpus()
-        with _cell_log(cell_dir), _heartbeat(cell_dir):
-            _train_and_evaluate(cell_dir, document, runtime, started)
+        _use_allocated_cpus(details.get("cpus"))
+        with _log_and_heartbeat(cell_dir, group):
+            _train_and_evaluate(cell_dir, document, runtime, started, group)
     except BaseException as err:
-        if not _interrupted_for_requeue(cell_dir, err):
-            cells.write_state(cell_dir, "failed", **details, reason=f"{type(err).__name__}: {err}",
-                              traceback=traceback.format_exc())
+        if not group.writer:
+            distributed.record_failure(cell_dir, group, err)
+        elif not _interrupted_for_requeue(cell_dir, err):
+            peer = distributed.peer_failure(cell_dir, group)
+            reason, trace = ((f"rank {peer['rank']}: {peer['reason']}", peer["traceback"]) if peer
+                             else (f"{type(err).__name__}: {err}", traceback.format_exc()))
+            cells.write_state(cell_dir, "failed", **details, reason=reason, traceback=trace)
         raise
-    cells.write_state(cell_dir, "done", **details)
+    finally:
+        group.close()
+    if group.writer:
+        cells.write_state(cell_dir, "done", **details)
 
 
 def _requeues(state: dict[str, Any]) -> int:
@@ -83,36 +116,46 @@ def _interrupted_for_requeue(cell_dir: Path, err: BaseException) -> bool:
     return isinstance(err, SystemExit) and cells.read_state(cell_dir)["state"] == "requeued"
 
 
-def _use_allocated_cpus() -> None:
+def _use_allocated_cpus(cpus: int | None) -> None:
     """As many torch threads as CPUs the scheduler gave the job (torch would take every core of
     the node, oversubscribing it when several cells share a node)."""
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus:
-        torch.set_num_threads(int(cpus))
+        torch.set_num_threads(cpus)
 
 
-def _train_and_evaluate(cell_dir: Path, document: dict, runtime: Runtime, started: datetime) -> None:
+def _train_and_evaluate(cell_dir: Path, document: dict, runtime: Runtime, started: datetime,
+                        group: distributed.Group) -> None:
     config = document["config"]
-    device = runtime.torch_device()
+    device = distributed.rank_device(runtime.torch_device(), group)
+    distributed.connect(group, device, runtime.collective_timeout_s)
+    log.info("rank %d of %d", group.rank, group.world_size)
     log.info("cell %s (%s) on %s, %d torch threads", document["cell_id"], document["slug"], device,
              torch.get_num_threads())
     train.seed_everything(config["seed"])
     splits = data.load_splits(config["dataset"], runtime.data_root)
     model = models.create_model(config["model"], splits.num_classes, runtime.weights_root)
     trainer = train.Trainer(model, splits, config["loss"], config["protocol"], ckpt_path=cell_dir / "ckpt" / "last.pt",
-                            device=device, seed=config["seed"], num_workers=runtime.num_workers)
+                            device=device, seed=config["seed"],
+                            num_workers=loader_workers(runtime.num_workers, device), group=group)
     trained = trainer.fit()
     x_test, y_test = data.load_tensors(splits.test)
+    # The test split at its native resolution, read only by a condition that needs it.
+    native = evaluate.NativeImages(images=lambda: data.load_test_native(config["dataset"], runtime.data_root),
+                                   to_input=lambda images: data.test_input(images, config["dataset"]))
+    group.broadcast_state(model)  # every rank evaluates the checkpointed model (rank 0's BatchNorm statistics)
     measurements = evaluate.evaluate(model, x_test, y_test, config["eval"], cell_dir,
-                                     batch_size=runtime.eval_batch_size)
+                                     batch_size=runtime.eval_batch_size, native=native, group=group)
+    if not group.writer:
+        return
     state = cells.read_state(cell_dir)
     common = {
         "schema_version": results.SCHEMA_VERSION,
         "study": document["study"], "cell_id": document["cell_id"], "seed": config["seed"],
         **{axis: config[axis]["name"] for axis in cells.AXES},
         "attempt": state.get("attempt", 1), "requeues": state.get("requeues", 0),
-        "source": "run", "source_file": None, **provenance(str(device)),
+        "source": "run", "source_file": None, **provenance(str(device), state.get("job_id")),
         "started_at": started, "finished_at": datetime.now(timezone.utc), "train_seconds": trained.seconds,
+        "precision": trainer.precision, "world_size": group.world_size,
     }
     rows = [{**common, **_measured(m)} for m in measurements]
     results.write_table(cell_dir / cells.EXAMPLES_FILE, _examples_table(measurements))
@@ -151,6 +194,16 @@ def _cell_log(cell_dir: Path) -> Iterator[None]:
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+@contextmanager
+def _log_and_heartbeat(cell_dir: Path, group: distributed.Group) -> Iterator[None]:
+    """The cell's log and heartbeat, kept by rank 0 only."""
+    if not group.writer:
+        yield
+        return
+    with _cell_log(cell_dir), _heartbeat(cell_dir):
+        yield
 
 
 @contextmanager

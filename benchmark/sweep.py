@@ -3,38 +3,46 @@
 A sweep is idempotent (DomainBed-style): a cell's id is the hash of its resolved config and its
 state lives in its directory, so relaunching a study launches only what is not done.
 
-A cell's state comes from the files its worker writes (benchmark.cell), reconciled with the
-scheduler for the cells whose files say a worker is at it: a cell whose SLURM job ended without
-the cell recording an outcome (out of memory, node failure, time limit, cancelled, killed) is
-failed with SLURM's reason, from ONE sacct call for the whole study; a running cell without a
-job (local launcher) whose heartbeat stopped is failed too. The states shown are pending,
-queued, running, done and failed.
+A cell's state comes from the files its worker writes (benchmark.cell), reconciled, for the cells
+whose files say a worker is at it, with the launcher that cell records (launchers): a cell whose
+job ended without the cell recording an outcome (out of memory, node failure, time limit,
+cancelled, killed; a local worker's process gone) is failed with the launcher's reason, each
+launcher asked once for all its cells (one sacct call for the SLURM ones; local cells are never
+sent to sacct). A running cell its launcher says nothing of whose heartbeat stopped is failed
+too. The states shown are pending, queued, running, done and failed.
+
+Which launcher runs a cell: `launch` sends the pending cells to the configured launcher
+(`launcher=NAME`, default local). `resume` sends each failed cell back to the launcher config it
+was last launched with (recorded under the study), so a study launched with `launcher=slurm`
+resumes on SLURM, with the same resources, without saying so again; pending cells go to the
+configured launcher. A launcher on the command line (`launcher=NAME` or any `launcher.KEY=...`)
+wins: every cell resumed goes to it. `status` and `cancel` always ask each cell's own launcher.
 """
 from __future__ import annotations
 
 import argparse
 import fcntl
-import importlib
 import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from benchmark import cell as cells
 from benchmark.cell import AXES, Cell
+from benchmark.show import note_lines
 from benchmark.study import Study, plan
+from launchers import JobState, Launcher, config_key, kind_of, launcher_class, launcher_for, record_config, recorded_config
 
 TABLE_ROWS = 40  # cells listed in the text output; --format json lists all
 LOG_LINES = 5  # lines of a failed cell's log shown by `status`
-# A running cell whose job the scheduler does not know (or that has none) is dead once its
-# heartbeat file (touched every cell.HEARTBEAT_SECONDS by the worker) is this old.
+# A running cell whose job its launcher says nothing of is dead once its heartbeat file (touched
+# every cell.HEARTBEAT_SECONDS by the worker) is this old.
 STALE_HEARTBEAT_S = 120.0
-# What a cell's file state shows while a worker may still be at it (reconciled with SLURM).
+# What a cell's file state shows while a worker may still be at it (reconciled with its launcher).
 ACTIVE = {"submitted": "queued", "requeued": "queued", "running": "running"}
 LIVE = ("queued", "running")
 LAUNCH_LOCK = ".launch.lock"
@@ -57,22 +65,21 @@ def cell_states(study: Study, subset: list[Cell] | None = None) -> dict[str, dic
         record = records[cell.id]
         if record["state"] in ACTIVE:
             age = _heartbeat_age(cell.directory(study_dir), now) if record["state"] == "running" else None
-            records[cell.id] = reconcile(record, jobs.get(record.get("job_id")), age)
+            records[cell.id] = reconcile(record, jobs.get(cell.id), age)
     return records
 
 
-def reconcile(record: dict[str, Any], job: dict[str, str] | None, heartbeat_age: float | None) -> dict[str, Any]:
-    """The record to show for a cell: its file `record`, corrected for an active one by what
-    sacct says of its job (`job`: State, ExitCode, ... or None when sacct knows no job) or,
-    failing that, by the age in seconds of its worker's heartbeat (None when there is none)."""
+def reconcile(record: dict[str, Any], job: JobState | None, heartbeat_age: float | None) -> dict[str, Any]:
+    """The record to show for a cell: its file `record`, corrected for an active one by what its
+    launcher says of its job (None: nothing) or, failing that, by the age in seconds of its
+    worker's heartbeat (None when there is none)."""
     state = record["state"]
     if state not in ACTIVE:
         return record
     if job is not None:
-        from launchers.slurm import outcome
-
-        shown, reason = outcome(record["job_id"], job)
-        return {**record, "state": shown, **({"reason": reason} if reason else {})}
+        if job.state == "ended":
+            return {**record, "state": "failed", "reason": job.reason}
+        return {**record, "state": job.state}
     if state == "running" and heartbeat_age is not None and heartbeat_age > STALE_HEARTBEAT_S:
         where = f"on {record.get('host', '?')} (pid {record.get('pid', '?')})"
         return {**record, "state": "failed",
@@ -81,18 +88,22 @@ def reconcile(record: dict[str, Any], job: dict[str, str] | None, heartbeat_age:
     return {**record, "state": ACTIVE[state]}
 
 
-def _job_states(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
-    """sacct's view of the jobs of the active cells: one call; {} when there are none."""
-    ids = [r["job_id"] for r in records.values() if r["state"] in ACTIVE and r.get("job_id")]
-    if not ids:
-        return {}
-    from launchers.slurm import job_states
-
-    jobs = job_states(ids)
-    if jobs is None:
-        print(f"warning: sacct did not answer: {len(ids)} queued or running cells are shown as their "
-              "files say (a job that died without a word looks alive)", file=sys.stderr)
-        return {}
+def _job_states(records: dict[str, dict[str, Any]]) -> dict[str, JobState]:
+    """What the active cells' own launchers say of their jobs, by cell id: each launcher kind is
+    asked once, about its cells only; {} when no cell is active."""
+    by_kind: dict[str, dict[str, dict[str, Any]]] = {}
+    for cell_id, record in records.items():
+        if record["state"] in ACTIVE:
+            by_kind.setdefault(kind_of(record), {})[cell_id] = record
+    jobs: dict[str, JobState] = {}
+    for kind, active in by_kind.items():
+        said = launcher_class(kind).job_states(active)
+        if said is None:
+            print(f"warning: the {kind} launcher could not tell what became of the jobs: {len(active)} queued "
+                  "or running cells are shown as their files say (a job that died without a word looks alive)",
+                  file=sys.stderr)
+        else:
+            jobs |= said
     return jobs
 
 
@@ -115,7 +126,7 @@ def summary(study: Study, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def _entry(cell: Cell, record: dict[str, Any]) -> dict[str, Any]:
-    keys = ("job_id", "reason", "traceback", "log") if record["state"] == "failed" else ("job_id",)
+    keys = ("launcher", "job_id", *(("reason", "traceback", "log") if record["state"] == "failed" else ()))
     return {"cell_id": cell.id, **cell.axes, "seed": cell.seed, "state": record["state"],
             **{k: record[k] for k in keys if record.get(k)}}
 
@@ -171,8 +182,7 @@ def _print_failed(study: Study, failed: list[Cell], states: dict[str, dict[str, 
             print(f"    {path}:\n" + "\n".join(f"      | {line}" for line in lines))
     if len(failed) > TABLE_ROWS:
         print(f"  ... {len(failed) - TABLE_ROWS} more (--format json lists every cell)")
-    launchers = sorted({states[c.id].get("launcher", "local") for c in failed})
-    print(f"resume them with: rftbench resume study={study.name} launcher={'|'.join(launchers)}")
+    print(f"resume them with: rftbench resume study={study.name} (each goes back to its own launcher)")
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -183,17 +193,14 @@ def plan_command(args: argparse.Namespace) -> int:
 
     study = plan(args.overrides)
     states = cell_states(study)
-    report = {**summary(study, states), "estimate": estimate(study, states)}
+    report = {**summary(study, states), "estimate": estimate(study, states), "notes": study.notes}
     if args.format == "json":
         print(json.dumps(report, indent=2))
     else:
         _print_summary(study, report)
+        for line in note_lines(study.notes):  # stderr: stdout stays the plan
+            print(f"note: {line}", file=sys.stderr)
     return 0
-
-
-def _launcher(name: str) -> ModuleType:
-    """The launcher module `name` (launchers/<name>.py, chosen by the config's `launcher.name`)."""
-    return importlib.import_module(f"launchers.{name}")
 
 
 @contextmanager
@@ -205,10 +212,12 @@ def _launch_lock(study: Study) -> Iterator[None]:
         yield
 
 
-def _submit(study: Study, wanted: Callable[[str], bool], wait: bool) -> int:
-    """Launch the cells whose state is `wanted`; with `wait`, block until they end, then collect."""
-    launcher = _launcher(study.config["launcher"]["name"])
-    launcher.check(study)  # a clear error before anything is written
+def _submit(study: Study, wanted: Callable[[str], bool], wait: bool, own_launchers: bool) -> int:
+    """Launch the cells whose state is `wanted`, failed ones with their own launcher when
+    `own_launchers` (see the module's docstring), others with the configured one; with `wait`,
+    block until they end, then collect."""
+    configured = launcher_for(study.config["launcher"])
+    configured.check(study)  # a clear error before anything is written
     _check_inputs(study)
     with _launch_lock(study):
         states = cell_states(study)
@@ -216,28 +225,63 @@ def _submit(study: Study, wanted: Callable[[str], bool], wait: bool) -> int:
         if not todo:
             print(f"study {study.name}: nothing to launch ({len(study.cells)} cells: {_counts(summary(study, states)['by_state'])})")
             return 0
-        for cell in todo:
-            cells.write_config(cell, cell.directory(study.dir), study.name)
-        code = launcher.launch(study, todo)
+        groups = _by_launcher(study, todo, states, configured, own_launchers)
+        for launcher, _ in groups:
+            if launcher is not configured:
+                launcher.check(study)  # a recorded launcher: the study directory exists already
+        code = max(_launch(study, launcher, chosen) for launcher, chosen in groups)
     if wait:
-        code = max(code, wait_for(study, todo, study.config["launcher"].get("poll_seconds", 10)))
+        poll_seconds = min(launcher.config.get("poll_seconds", 10) for launcher, _ in groups)
+        code = max(code, wait_for(study, todo, poll_seconds))
         _collect(study)
     return code
+
+
+def _by_launcher(study: Study, todo: list[Cell], states: dict[str, dict[str, Any]], configured: Launcher,
+                 own_launchers: bool) -> list[tuple[Launcher, list[Cell]]]:
+    """`todo` grouped by the launcher that takes each cell: with `own_launchers`, the config a
+    failed cell was last launched with (when recorded), else `configured`. The configured one
+    comes last: a local launcher blocks until its cells are done, and cells going back to a
+    scheduler need not wait for them."""
+    launchers: dict[str | None, Launcher] = {None: configured}  # by recorded config key
+    groups: dict[str, tuple[Launcher, list[Cell]]] = {}
+    for cell in todo:
+        key = states[cell.id].get("launcher_config") if own_launchers else None
+        if key not in launchers:
+            config = recorded_config(study.dir, key)
+            launchers[key] = configured if config is None else launcher_for(config)
+        launcher = launchers[key]
+        groups.setdefault(config_key(launcher.config), (launcher, []))[1].append(cell)
+    return sorted(groups.values(), key=lambda group: group[0] is configured)
+
+
+def _launch(study: Study, launcher: Launcher, todo: list[Cell]) -> int:
+    record_config(study.dir, launcher.config)  # what `resume` sends the cells back to
+    for cell in todo:
+        cells.write_config(cell, cell.directory(study.dir), study.name)
+    return launcher.launch(study, todo)
+
+
+def _chooses_launcher(overrides: Sequence[str]) -> bool:
+    """Whether the command line sets the launcher: `launcher=NAME` or any `launcher.KEY=...`."""
+    return any(o.lstrip("+~").split("=")[0].split(".")[0] == "launcher" for o in overrides)
 
 
 def _check_inputs(study: Study) -> None:
     """Every dataset prepared, every weights file present and every condition runnable, before
     any cell is launched."""
-    from benchmark import data, evaluate, models  # torch: only when something is launched
+    from benchmark.conditions import check_conditions
+    from benchmark.prepare import require_prepared
+    from benchmark.weights import require_weights
 
     runtime = study.config["paths"]
     # Planned cells share their eval node: keyed by object, not by a serialisation per cell.
     for eval_cfg in {id(c.config["eval"]): c.config["eval"] for c in study.cells}.values():
-        evaluate.check_conditions(eval_cfg)
+        check_conditions(eval_cfg)
     for config in {c.dataset: c.config["dataset"] for c in study.cells}.values():
-        data.require_prepared(config, Path(runtime["data"]))
+        require_prepared(config, Path(runtime["data"]))
     for config in {c.model: c.config["model"] for c in study.cells}.values():
-        models.require_weights(config, Path(runtime["weights"]))
+        require_weights(config, Path(runtime["weights"]))
 
 
 def wait_for(study: Study, todo: list[Cell], poll_seconds: float) -> int:
@@ -268,12 +312,14 @@ def _collect(study: Study) -> None:
 
 def launch_command(args: argparse.Namespace) -> int:
     """Launch the pending cells: done, queued and running cells are left alone."""
-    return _submit(plan(args.overrides), lambda state: state == "pending", args.wait)
+    return _submit(plan(args.overrides), lambda state: state == "pending", args.wait, own_launchers=False)
 
 
 def resume_command(args: argparse.Namespace) -> int:
-    """Launch the failed and the pending cells again (training resumes from their checkpoints)."""
-    return _submit(plan(args.overrides), lambda state: state in ("pending", "failed"), args.wait)
+    """Launch the failed and the pending cells again (training resumes from their checkpoints),
+    failed ones with their own launcher unless the command line chooses one."""
+    return _submit(plan(args.overrides), lambda state: state in ("pending", "failed"), args.wait,
+                   own_launchers=not _chooses_launcher(args.overrides))
 
 
 def status_command(args: argparse.Namespace) -> int:
@@ -298,11 +344,11 @@ def cancel_command(args: argparse.Namespace) -> int:
     was launched with."""
     study = plan(args.overrides)
     states = cell_states(study)
-    by_launcher: dict[str, list[Cell]] = {}
+    by_kind: dict[str, list[Cell]] = {}
     for cell in study.cells:
         if states[cell.id]["state"] in LIVE:
-            by_launcher.setdefault(states[cell.id].get("launcher", "local"), []).append(cell)
-    if not by_launcher:
+            by_kind.setdefault(kind_of(states[cell.id]), []).append(cell)
+    if not by_kind:
         print(f"study {study.name}: nothing to cancel (no queued or running cell)")
         return 0
-    return max(_launcher(name).cancel(study, chosen) for name, chosen in by_launcher.items())
+    return max(launcher_class(kind).cancel(study, chosen) for kind, chosen in by_kind.items())

@@ -1,5 +1,9 @@
-"""The training loop: robust loss x protocol, with gradient accumulation, AMP on CUDA only,
-a checkpoint after every epoch, and resume from the last completed epoch.
+"""The training loop: robust loss x protocol, with gradient accumulation, the protocol's
+precision, a checkpoint after every epoch, and resume from the last completed epoch.
+
+Precision (`protocol.precision`): fp32; fp16 (autocast, with a gradient scaler); bf16 (autocast,
+no scaler: bfloat16 has float32's range); auto = fp16 on CUDA, fp32 elsewhere. The training attack
+runs inside the same autocast context as the loss; evaluation always runs in float32.
 
 The optimiser follows the study: AdamW (betas from the protocol) with separate learning rate and
 weight decay for backbone and head, and no weight decay on biases and normalisation parameters
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,11 +26,34 @@ from torch.utils.data import DataLoader
 
 from benchmark.atomic import write_atomic
 from benchmark.data import Splits
-from benchmark.errors import RFTBenchError
-from benchmark.losses import NonFiniteLossError, eps_at_epoch, make_loss
+from benchmark.distributed import SINGLE, Group, batch_sizes, rank_seed
+from benchmark.errors import RFTBenchError, unknown_choice
+from benchmark.loss_kinds import eps_at_epoch
+from benchmark.losses import NonFiniteLossError, make_loss
 from benchmark.models import Classifier
 
 log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision that runs on `device` for the setting `precision` (one of PRECISIONS):
+    `auto` is fp16 on CUDA and fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise unknown_choice("protocol.precision", precision, PRECISIONS)
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RFTBenchError(f"protocol.precision=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 "
+                            "support; use fp16 or fp32")
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The autocast context of a resolved precision (disabled for fp32)."""
+    return torch.autocast(device.type, dtype=_AUTOCAST_DTYPES.get(precision), enabled=precision in _AUTOCAST_DTYPES)
 
 
 @dataclass
@@ -58,32 +86,34 @@ def _param_groups(model: Classifier, optimizer_cfg: dict[str, Any]) -> list[dict
     return groups
 
 
-def _accumulation_steps(protocol: dict[str, Any]) -> int:
-    steps, remainder = divmod(protocol["effective_batch_size"], protocol["batch_size"])
-    if remainder or steps < 1:
-        raise RFTBenchError(
-            f"protocol {protocol['name']!r}: effective_batch_size {protocol['effective_batch_size']} "
-            f"must be a multiple of batch_size {protocol['batch_size']}"
-        )
-    return steps
-
-
 @torch.no_grad()
-def accuracy(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+def accuracy(model: nn.Module, loader: DataLoader, device: torch.device, group: Group = SINGLE) -> float:
+    """Accuracy over the examples of `loader` of every rank of `group` (each its own shard)."""
     model.eval()
-    correct = total = 0
+    counts = torch.zeros(2, dtype=torch.int64)  # correct, total
     for x, y in loader:
         logits = model(x.to(device))
-        correct += (logits.argmax(1).cpu() == y).sum().item()
-        total += len(y)
+        counts += torch.tensor([(logits.argmax(1).cpu() == y).sum().item(), len(y)])
+    correct, total = group.sum(counts).tolist()
     return correct / max(total, 1)
 
 
 class Trainer:
-    """Fits one cell's model; `fit` resumes from `ckpt_path` when a checkpoint exists."""
+    """Fits one cell's model; `fit` resumes from `ckpt_path` when a checkpoint exists.
+
+    With a `group` of N ranks (benchmark.distributed), each rank trains on its shard of every
+    epoch with its own attack, gradients are averaged across ranks before each update, and an
+    update still sees `protocol.effective_batch_size` examples (`distributed.batch_sizes`), so
+    the updates per epoch do not depend on N. BatchNorm statistics stay per rank, as in the
+    published study. Rank 0 alone writes the checkpoint, which holds nothing of N: a cell
+    resumes on any number of ranks."""
 
     def __init__(self, model: Classifier, splits: Splits, loss_cfg: dict, protocol: dict, *,
-                 ckpt_path: Path, device: torch.device, seed: int, num_workers: int = 0):
+                 ckpt_path: Path, device: torch.device, seed: int, num_workers: int = 0,
+                 on_epoch_end: Callable[[int, TrainResult], None] | None = None, group: Group = SINGLE):
+        # on_epoch_end(epochs done, result) runs after each epoch's checkpoint; it may raise to
+        # stop training there (a tuning trial reports its objective and is pruned this way).
+        self.on_epoch_end = on_epoch_end
         self.model, self.splits, self.protocol = model.to(device), splits, protocol
         self.loss_cfg, self.robust_loss = loss_cfg, make_loss(loss_cfg)
         self.ckpt_path, self.device, self.seed, self.num_workers = ckpt_path, device, seed, num_workers
@@ -93,9 +123,14 @@ class Trainer:
                                            betas=tuple(protocol["optimizer"]["betas"]))
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=protocol["epochs"])
                           if protocol["cosine"] else None)
-        self.amp = device.type == "cuda"  # AMP only where it pays and is numerically checked
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.accumulate = _accumulation_steps(protocol)
+        self.precision = resolve_precision(protocol["precision"], device)  # what runs: rows record it
+        # fp16's narrow range underflows small gradients: the scaler keeps them representable.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.group = group
+        self.batch_size, self.accumulate = batch_sizes(protocol, group.world_size)
+        group.broadcast_state(model)  # every rank starts from rank 0's weights
+        if group.rank:  # its own augmentation and attack draws; rank 0 keeps the single-process stream
+            seed_everything(rank_seed(seed, group))
         self.result = TrainResult(epochs=protocol["epochs"])
 
     def fit(self) -> TrainResult:
@@ -107,21 +142,32 @@ class Trainer:
                                self.protocol["epochs"], self.result.val_accuracy)
             train_loss = self._train_epoch(epoch, eps)
             self.result.eps_per_epoch.append(eps)
-            self.result.val_accuracy.append(accuracy(self.model, val_loader, self.device))
+            self.result.val_accuracy.append(accuracy(self.model, val_loader, self.device, self.group))
             if self.scheduler:
                 self.scheduler.step()
             self._save(epoch + 1)
             log.info("epoch %d/%d eps=%.5f train_loss=%.4f val_acc=%.4f", epoch + 1, self.protocol["epochs"],
                      eps, train_loss, self.result.val_accuracy[-1])
+            if self.on_epoch_end:
+                self.on_epoch_end(epoch + 1, self.result)
         self.result.seconds = time.perf_counter() - start
         return self.result
 
     def _loader(self, dataset, shuffle: bool, epoch: int) -> DataLoader:
-        # A per-epoch generator seed makes a resumed epoch see the same batches as the original.
-        generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
-        return DataLoader(dataset, batch_size=self.protocol["batch_size"], shuffle=shuffle,
-                          num_workers=self.num_workers, generator=generator, drop_last=False,
-                          pin_memory=self.device.type == "cuda")
+        """This rank's batches of its per-rank batch size. A shuffled epoch is a permutation
+        seeded per epoch, the same on every rank (a resumed epoch sees the same batches as the
+        original; the same permutation as DataLoader's own shuffling), cut to a multiple of
+        `protocol.drop_last_multiple` images as a DistributedSampler with drop_last over that
+        many ranks cuts it, then to a multiple of the ranks; rank r takes its positions r::N
+        (as DistributedSampler does). Unshuffled (validation), rank r takes examples r::N."""
+        order = list(self.group.shard(len(dataset)))
+        if shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+            order = torch.randperm(len(dataset), generator=generator).tolist()
+            order = order[:len(order) - len(order) % self.protocol["drop_last_multiple"]]
+            order = order[:len(order) - len(order) % self.group.world_size][self.group.rank::self.group.world_size]
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=order,
+                          num_workers=self.num_workers, drop_last=False, pin_memory=self.device.type == "cuda")
 
     def _train_epoch(self, epoch: int, eps: float) -> float:
         self.model.train()
@@ -130,13 +176,14 @@ class Trainer:
         loader = self._loader(self.splits.train, shuffle=True, epoch=epoch)
         for step, (x, y) in enumerate(loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with torch.autocast("cuda", enabled=self.amp):
+            with autocast(self.precision, self.device):
                 try:
                     loss, _ = self.robust_loss(self.model, x, y, eps)
                 except NonFiniteLossError as err:
                     raise NonFiniteLossError(f"epoch {epoch + 1}, step {step + 1}: {err}") from None
             self.scaler.scale(loss / self.accumulate).backward()
             if (step + 1) % self.accumulate == 0 or step + 1 == len(loader):
+                self.group.average_gradients(self.model.parameters())
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -144,6 +191,8 @@ class Trainer:
         return total / max(batches, 1)
 
     def _save(self, epochs_done: int) -> None:
+        if not self.group.writer:
+            return
         state = {
             "epochs_done": epochs_done,
             "model": self.model.state_dict(),
@@ -164,11 +213,12 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved by a disabled scaler (auto precision resumed on another device)
+            self.scaler.load_state_dict(state["scaler"])
         self.result.eps_per_epoch = list(state["eps_per_epoch"])
         self.result.val_accuracy = list(state["val_accuracy"])
         self.result.resumed_from_epoch = state["epochs_done"]
         # The attack is deterministic and batches are seeded per epoch; reseed the rest per epoch.
-        seed_everything(self.seed + state["epochs_done"])
+        seed_everything(rank_seed(self.seed + state["epochs_done"], self.group))
         log.info("resumed from checkpoint after epoch %d", state["epochs_done"])
         return state["epochs_done"]

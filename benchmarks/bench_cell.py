@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from benchmark import cell as cells
-from benchmark import data, evaluate, models, results, train
+from benchmark import data, evaluate, models, prepare, results, train
 from benchmark.run import Runtime, run_cell
 from benchmark.study import plan
 
@@ -185,7 +185,7 @@ def prepare_inputs(planned: Any, runtime: Runtime) -> dict[str, float]:
     start = time.perf_counter()
     models.make_demo_weights(config["model"], runtime.weights_root)
     made = time.perf_counter()
-    data.prepare(config["dataset"], None, runtime.data_root)
+    prepare.prepare(config["dataset"], None, runtime.data_root)
     return {"weights": made - start, "data": time.perf_counter() - made}
 
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmark import results
+from benchmark import results, tables
 from benchmark.collect import MANIFEST_FILE, collect
 from benchmark.paths import PROJECT_DIR
 from benchmark.query import query
@@ -51,8 +51,8 @@ def main() -> None:
         study = root / STUDY
         print(f"import_seconds={seconds(lambda: import_reference(REFERENCE, STUDY, root)):.2f}", flush=True)
         print(f"collect_unchanged_seconds={seconds(lambda: collect(study), repeat=3):.3f}")
-        print(f"load_seconds={seconds(lambda: results.load(STUDY, root), repeat=5):.3f}")
-        load = f"from benchmark import results; results.load({STUDY!r})"
+        print(f"load_seconds={seconds(lambda: tables.load(STUDY, root), repeat=5):.3f}")
+        load = f"from benchmark import tables; tables.load({STUDY!r})"
         print(f"load_fresh_process_seconds={fresh_process_seconds(load, root):.2f}")
         cli = f"from benchmark.cli import main; main(['query', {SQL!r}, 'study={STUDY}'])"
         print(f"query_fresh_process_seconds={fresh_process_seconds(cli, root):.2f}")

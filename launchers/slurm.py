@@ -1,6 +1,6 @@
 """Submit cells to a SLURM cluster as submitit job arrays, and ask SLURM what became of them.
 
-One array per resource shape (`resources` in conf/launcher/slurm.yaml), split so that no array
+One array per resource shape (`resources` in the launcher config), split so that no array
 exceeds the cluster's MaxArraySize: 1,440 cells cost a few sbatch calls, not 1,440. Arrays are
 submitted held and released once every cell of the array has recorded its job id: a worker
 never starts before its cell says `submitted`, so that record can never overwrite the worker's.
@@ -8,6 +8,9 @@ never starts before its cell says `submitted`, so that record can never overwrit
 The worker is a submitit Checkpointable: on a time limit or preemption signal it records the
 requeue in the cell's state and submitit requeues the job; the restarted worker resumes training
 from the last completed epoch (benchmark.train) and AutoAttack from its saved state.
+
+Every config of kind `slurm` runs this launcher (conf/launcher/slurm.yaml, slurm_cpu.yaml). What
+became of jobs is asked of sacct, in one call for all the jobs asked about.
 """
 from __future__ import annotations
 
@@ -15,14 +18,16 @@ import contextlib
 import functools
 import io
 import json
+import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import submitit
+from pydantic import Field
 from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import SlurmInfoWatcher
 
@@ -30,9 +35,14 @@ from benchmark import cell as cells
 from benchmark.cell import Cell
 from benchmark.errors import RFTBenchError
 from benchmark.paths import PROJECT_DIR
-from benchmark.study import Study, merged
+from benchmark.provenance import JobRecord
+from benchmark.schema import Count, Positive, Strict
+from benchmark.study import merged
+from launchers import JobState, Launcher
 
-NAME = "slurm"
+if TYPE_CHECKING:
+    from benchmark.study import Study
+
 TOOLS = ("sbatch", "srun", "sacct", "scontrol", "scancel")
 SLURM_OPTIONS = ("partition", "account", "qos", "constraint")
 COMMAND_TIMEOUT_S = 60
@@ -42,31 +52,148 @@ CHECK_TIMEOUT_S = 20
 # DerivedExitCode: the worst of the job's steps; the allocation's ExitCode hides a step's signal.
 SACCT_FIELDS = "JobID,State,ExitCode,DerivedExitCode,Reason,Elapsed"
 
-# sacct states of a job that may still run the cell, and the state `status` shows for each.
+# sacct states of a job that may still run, and what it is doing.
 JOB_ALIVE = {"PENDING": "queued", "REQUEUED": "queued", "REQUEUE_HOLD": "queued", "REQUEUE_FED": "queued",
         "RESV_DEL_HOLD": "queued", "SPECIAL_EXIT": "queued", "SUSPENDED": "queued", "STOPPED": "queued",
         "CONFIGURING": "running", "RUNNING": "running", "COMPLETING": "running", "RESIZING": "running",
         "SIGNALING": "running", "STAGE_OUT": "running"}
-# What a job that ended without the cell recording why died of.
+# What a job that ended without its worker recording why died of.
 ENDED = {"BOOT_FAIL": "its node failed to boot", "CANCELLED": "it was cancelled",
-         "COMPLETED": "it completed without the cell writing its rows",
+         "COMPLETED": "it completed without its worker recording an outcome",
          "DEADLINE": "it reached its deadline", "FAILED": "it failed",
          "NODE_FAIL": "its node failed", "OUT_OF_MEMORY": "it ran out of memory",
          "PREEMPTED": "it was preempted and not requeued", "TIMEOUT": "it reached its time limit"}
 
 
+class Resources(Strict):
+    """Layers of submitit SlurmExecutor parameters (time, mem, cpus_per_task, gpus_per_node, ...),
+    merged default < protocol < model size < model; null drops a layer or a value."""
+
+    default: dict[str, Any]
+    protocol: dict[str, dict[str, Any] | None] | None
+    model_size: dict[str, dict[str, Any] | None] | None
+    model: dict[str, dict[str, Any] | None] | None
+
+
+class SlurmConfig(Strict):
+    """conf/launcher/slurm.yaml (and slurm_cpu.yaml, which builds on it)."""
+
+    name: str
+    kind: str
+    partition: str | None
+    account: str | None
+    qos: str | None
+    constraint: str | None
+    resources: Resources
+    array_parallelism: Count           # array tasks of one array running at once
+    max_array_size: Count | None       # null: the cluster's MaxArraySize
+    setup: list[str]                   # shell lines run before the worker
+    log_folder: str | None
+    max_requeues: Annotated[int, Field(ge=0)]
+    signal_delay_s: Annotated[int, Field(ge=0)]
+    poll_seconds: Positive
+    additional_parameters: dict[str, Any]
+
+
+class SlurmLauncher(Launcher):
+    """A config of kind `slurm`: cells as held job arrays, workers as one job array."""
+
+    kind = "slurm"
+    schema = SlurmConfig
+
+    def check(self, study: Study) -> None:
+        """A clear error, before anything is written, when no SLURM cluster answers here."""
+        missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+        if missing:
+            raise RFTBenchError(
+                f"launcher={self.name} needs the SLURM commands, but {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not on PATH: run on a machine of the cluster, "
+                "or use launcher=local (a local test cluster: scripts/slurm-local.sh start)")
+        cluster_config()
+        for shape, group in shapes(self.config, study.cells).values():
+            check_ranks(shape, group[0])
+
+    def processes(self, cell: Cell) -> int:
+        """The ranks of the cell: its job's tasks (nodes x tasks_per_node), each a process of one
+        data-parallel group (benchmark.distributed; one GPU per task on CUDA)."""
+        shape = resources(self.config, cell)
+        return shape.get("nodes", 1) * shape.get("tasks_per_node", 1)
+
+    def launch(self, study: Study, todo: list[Cell]) -> int:
+        """Submit `todo` as held job arrays, record each cell's job id, then release the arrays."""
+        limit = _max_array_size(self.config)
+        study_dir = study.dir.resolve()
+        folder = self._log_folder(study)
+        worker = CellJob(_runtime_config(study.config), self.config["max_requeues"], self.job_record())
+        submitted: list[str] = []
+        for shape, group in shapes(self.config, todo).values():
+            for chunk in _chunks(group, limit):
+                executor = self._executor(folder, shape, f"rftbench-{study.name}", hold=True)
+                jobs = _submit(executor, [(worker, c.directory(study_dir)) for c in chunk], shape, "cells",
+                               done_before=submitted)
+                array_id = jobs[0].job_id.split("_")[0]
+                self._record_then_release(array_id, [(c.directory(study_dir), job) for c, job in zip(chunk, jobs)])
+                submitted.append(array_id)
+                print(f"submitted job {array_id}: {len(chunk)} cells, {_describe(shape)}")
+        print(f"study {study.name}: {len(todo)} cells submitted in {len(submitted)} job arrays "
+              f"({', '.join(submitted)}); logs in {folder}; follow with: rftbench status study={study.name} --watch")
+        return 0
+
+    def submit_workers(self, study: Study, fn: Callable[[], None], n: int, name: str) -> list[JobRecord]:
+        """One job array of `n` tasks, each calling `fn()`, with the config's default resources."""
+        shape = resources(self.config, None)
+        executor = self._executor(self._log_folder(study), shape, f"rftbench-{study.name}-{name}", hold=False)
+        jobs = _submit(executor, [(fn,)] * n, shape, "workers", done_before=[])
+        return [self.job_record(job_id=job.job_id, log=str(job.paths.stderr)) for job in jobs]
+
+    @classmethod
+    def cancel(cls, study: Study, todo: list[Cell]) -> int:
+        """scancel the jobs of `todo` (queued or running cells) and mark the cells failed."""
+        records = {cell.id: cells.read_state(cell.directory(study.dir)) for cell in todo}
+        active = [cell for cell in todo if records[cell.id].get("job_id")]
+        if active:
+            _run(["scancel", *job_ranges(records[c.id]["job_id"] for c in active)])
+        for cell in active:
+            cells.write_state(cell.directory(study.dir), "failed", **_job_of(records[cell.id]),
+                              reason="cancelled by user")
+        print(f"study {study.name}: cancelled {len(active)} queued or running cells")
+        return 0
+
+    @classmethod
+    def job_states(cls, records: dict[str, dict[str, Any]]) -> dict[str, JobState] | None:
+        """From ONE sacct call for the jobs of all `records`."""
+        ids = {key: record["job_id"] for key, record in records.items() if record.get("job_id")}
+        jobs = sacct(ids.values())
+        if jobs is None:
+            return None
+        return {key: outcome(job_id, jobs[job_id]) for key, job_id in ids.items() if job_id in jobs}
+
+    def _log_folder(self, study: Study) -> Path:
+        return Path(self.config["log_folder"] or study.dir / "logs").resolve()
+
+    def _executor(self, folder: Path, shape: dict[str, Any], job_name: str, hold: bool) -> submitit.SlurmExecutor:
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=self.config["max_requeues"])
+        executor.update_parameters(
+            **shape, job_name=job_name, array_parallelism=self.config["array_parallelism"],
+            signal_delay_s=self.config["signal_delay_s"],
+            # The worker imports the project even when it is not installed on the nodes.
+            setup=[f"export PYTHONPATH={PROJECT_DIR}${{PYTHONPATH:+:$PYTHONPATH}}", *self.config["setup"]],
+            additional_parameters={**self.config["additional_parameters"], **({"hold": True} if hold else {})},
+        )
+        return executor
+
+    def _record_then_release(self, array_id: str, submitted: list[tuple[Path, submitit.Job]]) -> None:
+        """Record `submitted` in each cell, then release the held array; cancel it if recording fails."""
+        try:
+            for cell_dir, job in submitted:
+                cells.write_state(cell_dir, "submitted", **self.job_record(job_id=job.job_id, log=str(job.paths.stderr)))
+        except BaseException:
+            subprocess.run(["scancel", array_id], capture_output=True, timeout=COMMAND_TIMEOUT_S)
+            raise
+        _run(["scontrol", "release", array_id])
+
+
 # --- the cluster ------------------------------------------------------------------------------
-
-def check(study: Study) -> None:
-    """A clear error, before anything is written, when no SLURM cluster answers here."""
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if missing:
-        raise RFTBenchError(
-            f"launcher=slurm needs the SLURM commands, but {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not on PATH: run on a machine of the cluster, "
-            "or use launcher=local (a local test cluster: scripts/slurm-local.sh start)")
-    cluster_config()
-
 
 @functools.cache
 def cluster_config() -> dict[str, str]:
@@ -101,15 +228,28 @@ def _run(command: list[str]) -> str:
 
 # --- resource shapes --------------------------------------------------------------------------
 
-def resources(launcher: dict[str, Any], cell: Cell) -> dict[str, Any]:
-    """The cell's submitit SlurmExecutor parameters: the launcher's sbatch options, then
-    `resources` default < protocol < model size < model (null layers and values dropped)."""
+def resources(launcher: dict[str, Any], cell: Cell | None) -> dict[str, Any]:
+    """The submitit SlurmExecutor parameters of `cell` (None: of a job that is no cell): the
+    launcher's sbatch options, then `resources` default < protocol < model size < model (null
+    layers and values dropped)."""
     layers = launcher["resources"]
     shape = merged({key: launcher[key] for key in SLURM_OPTIONS}, layers.get("default") or {})
-    for layer, choice in (("protocol", cell.protocol), ("model_size", cell.config["model"].get("size")),
-                          ("model", cell.model)):
-        shape = merged(shape, (layers.get(layer) or {}).get(choice) or {})
+    if cell is not None:
+        for layer, choice in (("protocol", cell.protocol), ("model_size", cell.config["model"].get("size")),
+                              ("model", cell.model)):
+            shape = merged(shape, (layers.get(layer) or {}).get(choice) or {})
     return {key: value for key, value in shape.items() if value is not None}
+
+
+def check_ranks(shape: dict[str, Any], cell: Cell) -> None:
+    """Refuse a shape with more tasks (ranks) per node than GPUs per node when it asks for GPUs
+    (`cell`: one cell of that shape, named in the message)."""
+    tasks, gpus = shape.get("tasks_per_node", 1), shape.get("gpus_per_node")
+    if tasks < 1:
+        raise RFTBenchError(f"launcher resources of {cell.slug}: tasks_per_node={tasks}, at least 1 is needed")
+    if gpus and tasks > int(str(gpus).rpartition(":")[2]):
+        raise RFTBenchError(f"launcher resources of {cell.slug}: tasks_per_node={tasks} ranks but gpus_per_node={gpus}: "
+                            "at most one rank per GPU (set tasks_per_node <= gpus_per_node)")
 
 
 def shapes(launcher: dict[str, Any], todo: Iterable[Cell]) -> dict[str, tuple[dict[str, Any], list[Cell]]]:
@@ -126,64 +266,24 @@ def _chunks(items: list[Cell], size: int) -> Iterator[list[Cell]]:
         yield items[start:start + size]
 
 
-# --- the worker -------------------------------------------------------------------------------
-
-class CellJob(submitit.helpers.Checkpointable):
-    """What an array task runs: one cell. Checkpointable, so a time limit or preemption signal
-    requeues it (at most `max_requeues` times per submission) instead of killing it."""
-
-    def __init__(self, runtime_config: dict[str, Any], max_requeues: int):
-        self.runtime_config, self.max_requeues = runtime_config, max_requeues
-
-    def __call__(self, cell_dir: Path) -> None:
-        from benchmark.run import Runtime, run_cell  # torch: imported by the job, not by `launch`
-
-        env = submitit.JobEnvironment()
-        run_cell(cell_dir, Runtime.from_config(self.runtime_config),
-                 job={"launcher": NAME, "job_id": env.job_id, "log": str(env.paths.stderr)})
-
-    def checkpoint(self, cell_dir: Path) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit's signal handler: record the requeue, then let submitit requeue.
-        The cell's own checkpoints (last epoch, AutoAttack state) are already on disk."""
-        state = cells.read_state(cell_dir)
-        requeues = state.get("requeues", 0)
-        if requeues >= self.max_requeues:
-            raise RequeueLimitError(f"stopped by a time limit or preemption after {requeues} requeues "
-                                    f"(launcher.max_requeues={self.max_requeues})")
-        cells.write_state(cell_dir, "requeued", **_job_details(state), requeues=requeues + 1,
-                          reason="time limit or preemption signal: requeued")
-        return submitit.helpers.DelayedSubmission(self, cell_dir)
+def _describe(shape: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in sorted(shape.items()))
 
 
-class RequeueLimitError(RuntimeError):
-    """A cell was stopped by time limits or preemptions more often than the launcher allows."""
+# --- submission -------------------------------------------------------------------------------
 
-
-def _job_details(state: dict[str, Any]) -> dict[str, Any]:
-    return {key: state[key] for key in ("launcher", "job_id", "log") if key in state}
-
-
-# --- launch and cancel ------------------------------------------------------------------------
-
-def launch(study: Study, todo: list[Cell]) -> int:
-    """Submit `todo` as held job arrays, record each cell's job id, then release the arrays."""
-    launcher = study.config["launcher"]
-    limit = _max_array_size(launcher)
-    study_dir = study.dir.resolve()
-    folder = Path(launcher["log_folder"] or study_dir / "logs").resolve()
-    worker = CellJob(_runtime_config(study.config), launcher["max_requeues"])
-    submitted: list[str] = []
-    for shape, group in shapes(launcher, todo).values():
-        for chunk in _chunks(group, limit):
-            jobs = _submit_array(folder, launcher, shape, worker, [c.directory(study_dir) for c in chunk],
-                                 job_name=f"rftbench-{study.name}", done_before=submitted)
-            array_id = jobs[0].job_id.split("_")[0]
-            _record_then_release(array_id, [(c.directory(study_dir), job) for c, job in zip(chunk, jobs)])
-            submitted.append(array_id)
-            print(f"submitted job {array_id}: {len(chunk)} cells, {_describe(shape)}")
-    print(f"study {study.name}: {len(todo)} cells submitted in {len(submitted)} job arrays "
-          f"({', '.join(submitted)}); logs in {folder}; follow with: rftbench status study={study.name} --watch")
-    return 0
+def _submit(executor: submitit.SlurmExecutor, calls: list[tuple[Any, ...]], shape: dict[str, Any],
+            what: str, done_before: list[str]) -> list[submitit.Job]:
+    """One job array (one sbatch call) of a task per call `(fn, *args)`, `what` naming them."""
+    try:
+        # submitit prints sbatch's complaint itself as well: keep only ours, which carries it.
+        with contextlib.redirect_stderr(io.StringIO()), executor.batch():
+            jobs = [executor.submit(*call) for call in calls]
+    except FailedJobError as err:
+        before = f" (job arrays {', '.join(done_before)} were submitted before it)" if done_before else ""
+        raise RFTBenchError(f"sbatch refused the job array of {len(calls)} {what} ({_describe(shape)}): "
+                            f"{str(err).strip()}. None of these {what} was submitted{before}.") from None
+    return jobs
 
 
 def _runtime_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -193,36 +293,48 @@ def _runtime_config(config: dict[str, Any]) -> dict[str, Any]:
             "runtime": config["runtime"]}
 
 
-def _record_then_release(array_id: str, submitted: list[tuple[Path, submitit.Job]]) -> None:
-    """Record `submitted` in each cell, then release the held array; cancel it if recording fails."""
-    try:
-        for cell_dir, job in submitted:
-            cells.write_state(cell_dir, "submitted", launcher=NAME, job_id=job.job_id, log=str(job.paths.stderr))
-    except BaseException:
-        subprocess.run(["scancel", array_id], capture_output=True, timeout=COMMAND_TIMEOUT_S)
-        raise
-    _run(["scontrol", "release", array_id])
+# --- the worker -------------------------------------------------------------------------------
+
+class CellJob(submitit.helpers.Checkpointable):
+    """What an array task runs: one cell. Checkpointable, so a time limit or preemption signal
+    requeues it (at most `max_requeues` times per submission) instead of killing it."""
+
+    def __init__(self, runtime_config: dict[str, Any], max_requeues: int, job: JobRecord):
+        self.runtime_config, self.max_requeues, self.job = runtime_config, max_requeues, job
+
+    def __call__(self, cell_dir: Path) -> None:
+        from benchmark.run import Runtime, run_cell  # torch: imported by the job, not by `launch`
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:  # the ranks of one cell find each other by torch.distributed's variables
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        job = JobRecord(**self.job, job_id=env.job_id, log=str(env.paths.stderr), **({"cpus": int(cpus)} if cpus else {}))
+        run_cell(cell_dir, Runtime.from_config(self.runtime_config), job=job)
+
+    def checkpoint(self, cell_dir: Path) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit's signal handler: record the requeue, then let submitit requeue.
+        The cell's own checkpoints (last epoch, AutoAttack state) are already on disk."""
+        state = cells.read_state(cell_dir)
+        requeues = state.get("requeues", 0)
+        if requeues >= self.max_requeues:
+            raise RequeueLimitError(f"stopped by a time limit or preemption after {requeues} requeues "
+                                    f"(launcher.max_requeues={self.max_requeues})")
+        cells.write_state(cell_dir, "requeued", **_job_of(state), requeues=requeues + 1,
+                          reason="time limit or preemption signal: requeued")
+        return submitit.helpers.DelayedSubmission(self, cell_dir)
 
 
-def _submit_array(folder: Path, launcher: dict[str, Any], shape: dict[str, Any], worker: CellJob,
-                  cell_dirs: list[Path], job_name: str, done_before: list[str]) -> list[submitit.Job]:
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=launcher["max_requeues"])
-    executor.update_parameters(
-        **shape, job_name=job_name, array_parallelism=launcher["array_parallelism"],
-        signal_delay_s=launcher["signal_delay_s"],
-        # The worker imports the project even when it is not installed on the nodes.
-        setup=[f"export PYTHONPATH={PROJECT_DIR}${{PYTHONPATH:+:$PYTHONPATH}}", *launcher["setup"]],
-        additional_parameters={**launcher["additional_parameters"], "hold": True},
-    )
-    try:
-        # submitit prints sbatch's complaint itself as well: keep only ours, which carries it.
-        with contextlib.redirect_stderr(io.StringIO()):
-            return executor.map_array(worker, cell_dirs)
-    except FailedJobError as err:
-        before = f" (job arrays {', '.join(done_before)} were submitted before it)" if done_before else ""
-        raise RFTBenchError(f"sbatch refused the job array of {len(cell_dirs)} cells ({_describe(shape)}): "
-                            f"{str(err).strip()}. None of these cells was submitted{before}.") from None
+class RequeueLimitError(RuntimeError):
+    """A cell was stopped by time limits or preemptions more often than the launcher allows."""
 
+
+def _job_of(state: dict[str, Any]) -> JobRecord:
+    """The job record inside a cell's state record."""
+    return JobRecord(**{key: state[key] for key in JobRecord.__annotations__ if key in state})
+
+
+# --- what SLURM says --------------------------------------------------------------------------
 
 def job_ranges(job_ids: Iterable[str]) -> list[str]:
     """Job ids in SLURM's compact form, one word per array ("12_[0-99,120]"): scancel takes an
@@ -249,28 +361,7 @@ def _ranges(numbers: list[int]) -> str:
     return ",".join(f"{first}-{last}" if last > first else str(first) for first, last in runs)
 
 
-def _describe(shape: dict[str, Any]) -> str:
-    return ", ".join(f"{key}={value}" for key, value in sorted(shape.items()))
-
-
-def cancel(study: Study, todo: list[Cell]) -> int:
-    """scancel the jobs of the queued or running cells in `todo` and mark them failed."""
-    from benchmark.sweep import LIVE, cell_states
-
-    states = cell_states(study, todo)
-    active = [c for c in todo if states[c.id]["state"] in LIVE and states[c.id].get("job_id")]
-    if active:
-        _run(["scancel", *job_ranges(states[c.id]["job_id"] for c in active)])
-    for cell in active:
-        cells.write_state(cell.directory(study.dir), "failed", **_job_details(states[cell.id]),
-                          reason="cancelled by user")
-    print(f"study {study.name}: cancelled {len(active)} queued or running cells")
-    return 0
-
-
-# --- what SLURM says --------------------------------------------------------------------------
-
-def job_states(job_ids: Iterable[str]) -> dict[str, dict[str, str]] | None:
+def sacct(job_ids: Iterable[str]) -> dict[str, dict[str, str]] | None:
     """sacct's record (the SACCT_FIELDS) of each job id, from ONE sacct call for all of them
     (asked per array, answered per task); None when sacct cannot answer (no SLURM here,
     accounting down)."""
@@ -287,13 +378,12 @@ def job_states(job_ids: Iterable[str]) -> dict[str, dict[str, str]] | None:
     return SlurmInfoWatcher().read_info(done.stdout)
 
 
-def outcome(job_id: str, info: dict[str, str]) -> tuple[str, str | None]:
-    """The state `status` shows for a cell whose job sacct describes by `info` (queued,
-    running or failed) and, for failed, why."""
+def outcome(job_id: str, info: dict[str, str]) -> JobState:
+    """The state of the job `job_id` that sacct describes by `info` and, when it ended, why."""
     state = info.get("State", "UNKNOWN")
     name = state.split()[0].rstrip("+")  # "CANCELLED by 0" -> CANCELLED
     if name in JOB_ALIVE:
-        return JOB_ALIVE[name], None
+        return JobState(JOB_ALIVE[name])
     why = ENDED.get(name, f"it ended in state {name}")
     detail = [state]
     code, _, job_signal = info.get("ExitCode", "0:0").partition(":")
@@ -305,7 +395,7 @@ def outcome(job_id: str, info: dict[str, str]) -> tuple[str, str | None]:
         detail.append(f"exit code {code}")
     if info.get("Elapsed"):
         detail.append(f"after {info['Elapsed']}")
-    return "failed", f"SLURM job {job_id}: {why} ({', '.join(detail)})"
+    return JobState("ended", f"SLURM job {job_id}: {why} ({', '.join(detail)})")
 
 
 def _signal_name(number: int) -> str:

@@ -25,3 +25,25 @@ def reference_csv() -> Path:
     if not REFERENCE_CSV.exists():
         pytest.skip(f"the published reference table is absent: {REFERENCE_CSV} (shared/ is not beside the project)")
     return REFERENCE_CSV
+
+
+# Packages that only compute (training, attacks, evaluation) may import: the never-arrows of the
+# architecture (../shared/DESIGN.md) are tested as "this part runs without any of them".
+COMPUTE_PACKAGES = frozenset({"torch", "torchvision", "timm", "pyautoattack", "imagecorruptions"})
+
+
+def modules_loaded(script: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> set[str]:
+    """The top-level packages imported by running `script` in a fresh interpreter (which must
+    succeed; its stdout is ignored), for import-hygiene tests."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from benchmark.paths import PROJECT_DIR
+
+    report = "\nimport json as _j, sys as _s\nprint('\\n' + _j.dumps(sorted({m.split('.')[0] for m in _s.modules})))\n"
+    done = subprocess.run([sys.executable, "-c", script + report, *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT_DIR), **(env or {})})
+    assert done.returncode == 0, done.stderr
+    return set(json.loads(done.stdout.splitlines()[-1]))

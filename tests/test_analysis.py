@@ -19,11 +19,13 @@ from statsmodels.stats.multicomp import pairwise_tukeyhsd
 from analysis import bootstrap, data, figures, rankings, report, stats
 from analysis.data import AnalysisWarning
 from analysis.letters import compact_letters
-from benchmark import results
 from benchmark.cell import EXAMPLES_FILE, ROWS_FILE, write_config
+from benchmark.cli import main
+from benchmark.conditions import condition_columns
 from benchmark.errors import RFTBenchError
-from benchmark.results import COLUMNS, condition_columns, write_rows
-from benchmark.study import plan
+from benchmark.results import COLUMNS, write_rows
+from benchmark.study import load_option, plan
+from benchmark.tables import load
 
 SYNTH = "synth"
 # Two per size class where the registry allows, mixing types and pretraining strategies.
@@ -36,6 +38,8 @@ DATASETS = ("uc_merced", "oxford_pet")
 N_EXAMPLES = 80
 # The configuration planted to predict one class on one dataset (clean accuracy = chance).
 DEGENERATE = ("lp50", "uc_merced", "regnetx_004.pycls_in1k", "classic_at")
+# Each condition's accuracy as a share of clean, in the order a cell's rows list them.
+DROP = {"clean": 1.0, "linf": 0.5, "l2": 0.6, "l1": 0.4, "common": 0.85}
 
 
 def write_synthetic_study(results_root: Path, study: str = SYNTH) -> pd.DataFrame:
@@ -44,7 +48,6 @@ def write_synthetic_study(results_root: Path, study: str = SYNTH) -> pd.DataFram
     planned = plan(["study=paper", f"dataset={','.join(DATASETS)}", f"model={','.join(MODELS)}"])
     rng = np.random.default_rng(0)
     quality = {"small": 0.5, "medium": 0.65, "large": 0.8}
-    drop = {"clean": 1.0, "linf": 0.5, "l2": 0.6, "l1": 0.4, "common": 0.85}
     written = []
     for cell in planned.cells:
         cell_dir = cell.directory(results_root / study)
@@ -52,14 +55,14 @@ def write_synthetic_study(results_root: Path, study: str = SYNTH) -> pd.DataFram
         base = quality[cell.config["model"]["size"]] + (0.05 if cell.loss == "trades" else 0.0)
         degenerate = (cell.protocol, cell.dataset, cell.model, cell.loss) == DEGENERATE
         rows, examples = [], []
-        for condition, factor in drop.items():
+        for condition, factor in DROP.items():
             if degenerate:  # a constant prediction: chance accuracy, untouched by any attack
                 correct = np.arange(N_EXAMPLES) % cell.config["dataset"]["num_classes"] == 0
             else:
                 correct = rng.random(N_EXAMPLES) < np.clip(base * factor + rng.normal(0, 0.05), 0.02, 0.98)
             examples.append(pd.DataFrame({"condition": condition, "index": np.arange(N_EXAMPLES), "correct": correct}))
             rows.append({**dict.fromkeys(COLUMNS), **condition_columns(cell.config["eval"][condition]),
-                         "study": study, "cell_id": cell.id, **cell.axes, "seed": 0, "condition": condition,
+                         "study": study, "cell_id": cell.id, **cell.axes, "seed": cell.seed, "condition": condition,
                          "n_examples": N_EXAMPLES, "n_correct": int(correct.sum()),
                          "accuracy": float(correct.mean()), "source": "run"})
         pq.write_table(pa.Table.from_pandas(pd.concat(examples), preserve_index=False), cell_dir / EXAMPLES_FILE)
@@ -229,7 +232,7 @@ def test_medals_one_per_size_class_and_protocol(synth_tables):
 
 def test_spearman_matrices_symmetric_unit_diagonal_in_condition_order(synth_cells):
     for corr in stats.spearman_by_protocol(synth_cells).values():
-        assert list(corr.index) == list(corr.columns) == list(data.CONDITIONS)
+        assert list(corr.index) == list(corr.columns) == list(DROP)
         np.testing.assert_allclose(corr.to_numpy(), corr.to_numpy().T)
         np.testing.assert_allclose(np.diag(corr.to_numpy()), 1.0)
     sub = synth_cells[synth_cells["protocol"] == "fft50"]
@@ -256,18 +259,24 @@ def test_proxy_is_spearman_of_score_sums(synth_tables):
     assert row["rho"] == pytest.approx(scipy_stats.spearmanr(pairs["score_sum"], pairs["score_sum_reference"]).statistic)
 
 
-def test_odds_trades_counts_and_fisher(synth_tables):
-    odds = stats.odds_trades(synth_tables)
-    assert len(odds) == 3 * 3
+def check_odds(odds: pd.DataFrame, tables: dict[str, pd.DataFrame]) -> None:
+    """Each row's wins recounted from the rankings, and its p from scipy's Fisher test."""
     for row in odds.itertuples():
-        table = synth_tables[row.protocol].pivot(index="model", columns="loss", values="score_sum")
-        sizes = synth_tables[row.protocol].drop_duplicates("model").set_index("model")["size"]
+        table = tables[row.protocol].pivot(index="model", columns="loss", values="score_sum")
+        sizes = tables[row.protocol].drop_duplicates("model").set_index("model")["size"]
         inside = table[sizes.reindex(table.index) == row.size]
-        assert row.trades_wins == (inside["trades"] > inside["classic_at"]).sum()
-        assert row.trades_wins + row.classic_at_wins + row.ties == row.n_backbones == len(inside)
-        expected = scipy_stats.fisher_exact([[row.trades_wins, row.classic_at_wins],
-                                            [row.rest_trades_wins, row.rest_classic_at_wins]])
+        assert row.a_wins == (inside[row.loss_a] > inside[row.loss_b]).sum()
+        assert row.b_wins == (inside[row.loss_a] < inside[row.loss_b]).sum()
+        assert row.a_wins + row.b_wins + row.ties == row.n_backbones == len(inside)
+        expected = scipy_stats.fisher_exact([[row.a_wins, row.b_wins], [row.rest_a_wins, row.rest_b_wins]])
         assert row.p == pytest.approx(expected.pvalue)
+
+
+def test_odds_of_two_losses_counts_and_fisher(synth_tables):
+    odds = stats.odds(synth_tables)
+    assert len(odds) == 3 * 3
+    assert set(zip(odds["loss_a"], odds["loss_b"])) == {("classic_at", "trades")}
+    check_odds(odds, synth_tables)
 
 
 @pytest.mark.slow  # 30 Tukey tests: statsmodels integrates each critical value and p-value numerically
@@ -286,7 +295,7 @@ def test_effects_tables(synth_tables):
 
 
 def test_bootstrap_intervals_from_per_example_results(synth_root, synth_tables):
-    long = results.load(SYNTH, synth_root)
+    long = load(SYNTH, synth_root)
     reps = bootstrap.replicates(long, synth_root / SYNTH, n_resamples=200)
     assert len(reps) == long["cell_id"].nunique()
     cis = bootstrap.cell_intervals(reps).merge(long[["protocol", "dataset", "model", "loss", "condition", "accuracy"]])
@@ -304,7 +313,7 @@ def test_bootstrap_resamples_scores_when_examples_have_them(synth_root, tmp_path
     """Expected robustness gives each example a share of the grid (its score), not a hit or miss:
     the bootstrap resamples scores. Every example scoring 5/8 (none correct everywhere) makes
     every replicate 5/8; a file of hits and misses alone (before scores existed) still works."""
-    long = results.load(SYNTH, synth_root)
+    long = load(SYNTH, synth_root)
     cell = long[long["condition"] == "clean"].iloc[[0]].assign(condition="expected_linf", accuracy=5 / 8)
     cell_dir = tmp_path / "cells" / cell["cell_id"].iloc[0]
     cell_dir.mkdir(parents=True)
@@ -320,7 +329,7 @@ def test_bootstrap_resamples_scores_when_examples_have_them(synth_root, tmp_path
 
 
 def test_unreadable_per_example_results_are_named_and_skipped(synth_root, tmp_path):
-    long = results.load(SYNTH, synth_root)
+    long = load(SYNTH, synth_root)
     cell_id = long["cell_id"].iloc[0]
     broken = tmp_path / "cells" / cell_id
     broken.mkdir(parents=True)
@@ -336,8 +345,8 @@ def test_heatmap_labels_follow_the_matrix(synth_cells):
     shuffled = corr.loc[["common", "l1", "clean", "linf", "l2"], ["l2", "clean", "common", "linf", "l1"]]
     fig = figures.heatmap(shuffled, "t")
     ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == [data.condition_label(c) for c in shuffled.columns]
-    assert [t.get_text() for t in ax.get_yticklabels()] == [data.condition_label(c) for c in shuffled.index]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [data.label("condition", c) for c in shuffled.columns]
+    assert [t.get_text() for t in ax.get_yticklabels()] == [data.label("condition", c) for c in shuffled.index]
     np.testing.assert_allclose(ax.images[0].get_array(), shuffled.to_numpy())
 
 
@@ -373,12 +382,12 @@ def test_figures_command_on_the_synthetic_study(synth_root, tmp_path, capsys):
         assert ranking[list(figures.INTERVALS)].notna().all().all()  # every cell has per-example results
         assert (ranking["clean_low"] <= ranking["mean_clean"]).all() and (ranking["mean_clean"] <= ranking["clean_high"]).all()
         corr = pd.read_csv(tables / f"spearman_{protocol}.csv", index_col=0)
-        assert list(corr.columns) == list(corr.index) == list(data.CONDITIONS)
+        assert list(corr.columns) == list(corr.index) == list(DROP)
         for name in ("scatter", "radar", "spearman", "main_effects", "interactions"):
             assert all(is_image(out / "plots" / f"{name}_{protocol}.{ext}") for ext in ("png", "pdf"))
-    for name in ("medals", "proxy", "odds_trades", "main_effects", "interactions", "mac", "accuracy_ci"):
+    for name in ("medals", "proxy", "odds", "main_effects", "interactions", "mac", "accuracy_ci"):
         assert len(pd.read_csv(tables / f"{name}.csv")) > 0
-    assert all(is_image(out / "plots" / f"{name}.{ext}") for name in ("proxy", "odds_trades") for ext in ("png", "pdf"))
+    assert all(is_image(out / "plots" / f"{name}.{ext}") for name in ("proxy", "odds") for ext in ("png", "pdf"))
     page = (out / "report.html").read_text()
     plots = sorted(p.name for p in (out / "plots").glob("*.png"))
     assert all(f'src="plots/{name}"' in page for name in plots)
@@ -397,7 +406,7 @@ def test_figures_on_a_study_lacking_levels_skips_with_reasons(tmp_path, capsys):
         write_rows(cell_dir / ROWS_FILE, [
             {**dict.fromkeys(COLUMNS), **condition_columns(cell.config["eval"][c]), "study": "demo",
              "cell_id": cell.id, **cell.axes, "condition": c, "n_examples": 200, "n_correct": round(acc * 200),
-             "accuracy": acc, "source": "run"} for c in data.CONDITIONS])
+             "accuracy": acc, "source": "run"} for c in DROP])
     out = tmp_path / "figs"
     assert run_figures(["study=demo", f"paths.results={root}"], out) == 0
     printed = capsys.readouterr().out
@@ -412,6 +421,168 @@ def test_figures_on_a_study_lacking_levels_skips_with_reasons(tmp_path, capsys):
 def test_figures_command_rejects_unknown_keys(tmp_path):
     with pytest.raises(RFTBenchError, match="valid choices"):
         run_figures(["studdy=x"], tmp_path)
+
+
+# --- a study's own losses: three, one; flagged cells ----------------------------------------------
+
+LOSSES3 = ("classic_at", "trades", "mart")  # mart: a loss no analysis code names
+SMALL_MODEL = "deit_tiny_patch16_224.fb_in1k"
+
+
+def losses_long(losses: tuple[str, ...] = LOSSES3, protocols: tuple[str, ...] = ("fft50", "lp50"),
+                models: tuple[str, ...] = MODELS) -> pd.DataFrame:
+    """A long table (no cell directories) of `models` x DATASETS x `protocols` x `losses`. In each
+    size class the first model is clearly the best, so its configurations take the medals; each
+    loss's advantage is drawn per size class, so the losses win against each other unevenly."""
+    rng = np.random.default_rng(1)
+    sizes = data.model_metadata(models)["size"]
+    quality = {"small": 0.5, "medium": 0.65, "large": 0.8}
+    step = {model: -0.1 * list(sizes[sizes == size].index).index(model) for model, size in sizes.items()}
+    advantage = {(loss, size): rng.normal(0, 0.02) for loss in losses for size in quality}
+    rows = []
+    for protocol, dataset, model, loss in itertools.product(protocols, DATASETS, models, losses):
+        base = quality[sizes[model]] + step[model] + advantage[loss, sizes[model]] + rng.normal(0, 0.005)
+        rows += [{"cell_id": f"{protocol}-{dataset}-{model}-{loss}", "protocol": protocol, "dataset": dataset,
+                  "model": model, "loss": loss, "condition": condition,
+                  "accuracy": float(np.clip(base * factor + rng.normal(0, 0.005), 0, 1))}
+                 for condition, factor in DROP.items()]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def three_losses() -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+    cells = data.prepare(losses_long())
+    return cells, rankings.rankings(cells)
+
+
+def test_ordered_puts_the_known_values_first_then_the_others_as_they_appear():
+    assert data.ordered(["mart", "trades", "zeta", "classic_at", "mart"], ["classic_at", "trades"]) == \
+        ["classic_at", "trades", "mart", "zeta"]
+
+
+def test_labels_come_from_the_options_study_name_else_the_name():
+    assert data.label("loss", "classic_at") == load_option("loss", "classic_at")["study_name"]
+    assert data.label("protocol", "lp50") == load_option("protocol", "lp50")["study_name"]
+    assert data.label("loss", "no_such_loss") == "no_such_loss"
+    assert data.label("dataset", "uc_merced") == "uc_merced"  # datasets and models keep their names
+
+
+def test_a_third_loss_is_ranked_medalled_and_tested_like_the_others(three_losses):
+    cells, tables = three_losses
+    assert data.losses(cells) == list(LOSSES3)  # the conf's known losses first, then the new one
+    for table in tables.values():
+        assert len(table) == len(MODELS) * len(LOSSES3) and set(table["loss"]) == set(LOSSES3)
+    assert set(rankings.medals(tables)["loss"]) == set(LOSSES3)
+    main = stats.main_effects(tables, factors=("loss",))
+    for protocol in tables:
+        rows = main[main["protocol"] == protocol]
+        assert list(rows["level"]) == list(LOSSES3) and rows["anova_p"].notna().all() and (rows["tukey"] != "").all()
+    assert set(stats.proxy(tables)["loss"]) == {"all", *LOSSES3}
+
+
+def test_odds_compare_every_pair_of_the_study_losses(three_losses):
+    _, tables = three_losses
+    odds = stats.odds(tables)
+    pairs = list(itertools.combinations(LOSSES3, 2))
+    assert list(dict.fromkeys(zip(odds["loss_a"], odds["loss_b"]))) == pairs
+    assert len(odds) == len(pairs) * len(tables) * 3  # x protocols x size classes
+    check_odds(odds, tables)
+
+
+def test_figures_show_every_loss(three_losses):
+    _, tables = three_losses
+    table = tables["fft50"]
+    scatter = figures.scatter(table)
+    legend = [text.get_text() for text in scatter.axes[0].get_legend().get_texts()]
+    assert [t for t in legend if t.startswith("loss: ")] == [f"loss: {data.label('loss', l)}" for l in LOSSES3]
+    assert figures.plotted_points(scatter) == len(table)
+    odds = figures.odds_plot(stats.odds(tables))
+    titles = [ax.get_title() for ax in odds.axes]
+    assert len(titles) == 3 and all(data.label("loss", a) in t and data.label("loss", b) in t
+                                    for t, (a, b) in zip(titles, itertools.combinations(LOSSES3, 2)))
+    bars = figures.effect_bars(stats.main_effects({"fft50": table}, factors=("loss",)), "t")
+    assert [t.get_text() for t in bars.axes[0].get_xticklabels()] == [data.label("loss", l) for l in LOSSES3]
+
+
+def test_with_one_loss_the_odds_are_skipped_with_the_reason():
+    tables = rankings.rankings(data.prepare(losses_long(("trades",))))
+    with pytest.raises(data.Skip, match="two or more; the study has 1: trades"):
+        stats.odds(tables)
+
+
+def write_flags(study_dir: Path, text: str) -> None:
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / data.FLAGS_FILE).write_text(text)
+
+
+def test_flagged_cells_mark_their_configurations_without_dropping_them(three_losses, tmp_path):
+    cells, tables = three_losses
+    write_flags(tmp_path, "dataset,model,loss,protocol,flag\n"
+                          f",{SMALL_MODEL},,lp50,published LP-50 numbers at chance: the weights did not load\n")
+    flagged = data.flagged_cells(cells, data.load_flags(tmp_path))
+    assert len(flagged) == len(DATASETS) * len(LOSSES3) and set(flagged["model"]) == {SMALL_MODEL}
+    marked = rankings.rankings(cells, flagged)
+    for protocol, table in marked.items():
+        assert len(table) == len(tables[protocol])  # marked, not dropped
+        expected = {(SMALL_MODEL, loss) for loss in LOSSES3} if protocol == "lp50" else set()
+        assert set(map(tuple, table.loc[table["flagged"], ["model", "loss"]].to_numpy())) == expected
+    assert not any(table["flagged"].any() for table in tables.values())  # no flags file, nothing marked
+    assert data.load_flags(tmp_path / "elsewhere").empty
+
+
+def test_a_flag_matching_no_cell_is_named(three_losses, tmp_path):
+    write_flags(tmp_path, "dataset,model,loss,protocol,flag\nuc_merced,no_such_model,trades,fft50,typo\n")
+    with pytest.warns(AnalysisWarning, match="model=no_such_model"):
+        assert data.flagged_cells(three_losses[0], data.load_flags(tmp_path)).empty
+
+
+def test_a_flags_file_lacking_columns_is_refused(tmp_path):
+    write_flags(tmp_path, "dataset,model,flag\nuc_merced,x,y\n")
+    with pytest.raises(RFTBenchError, match=r"lacks the columns \['loss', 'protocol'\]"):
+        data.load_flags(tmp_path)
+
+
+def write_report(long: pd.DataFrame, study_dir: Path, out: Path) -> tuple[str, list[str]]:
+    """The report of a long table (written under `out`): its page and its printed lines."""
+    printed: list[str] = []
+    pages = report.Report(out, printed.append)
+    report.write(pages, long, data.prepare(long), study_dir)
+    return report.render("t", pages.sections), printed
+
+
+@pytest.mark.slow
+def test_report_of_three_losses_with_flagged_cells(tmp_path):
+    study_dir, out = tmp_path / "study", tmp_path / "figs"
+    write_flags(study_dir, f"dataset,model,loss,protocol,flag\n,{SMALL_MODEL},,lp50,weights did not load\n")
+    page, printed = write_report(losses_long(), study_dir, out)
+    assert not [line for line in printed if "skipped" in line]
+    assert "Flagged cells" in page and len(pd.read_csv(out / "tables" / "flagged_cells.csv")) == len(DATASETS) * 3
+    assert pd.read_csv(out / "tables" / "ranking_lp50.csv")["flagged"].sum() == len(LOSSES3)
+    for name in ("ranking_fft50", "ranking_lp50", "medals"):
+        assert set(pd.read_csv(out / "tables" / f"{name}.csv")["loss"]) == set(LOSSES3)
+    main = pd.read_csv(out / "tables" / "main_effects.csv")
+    assert set(main.loc[main["factor"] == "loss", "level"]) == set(LOSSES3)
+    odds = pd.read_csv(out / "tables" / "odds.csv")
+    assert len(odds.groupby(["loss_a", "loss_b"])) == 3
+    assert all(is_image(out / "plots" / f"{name}.png") for name in ("odds", "scatter_lp50", "main_effects_fft50"))
+
+
+@pytest.mark.slow
+def test_report_of_one_loss_says_why_it_compares_no_losses(tmp_path):
+    one_per_size = ("regnetx_004.pycls_in1k", "convnext_tiny.fb_in1k", "convnext_base.fb_in22k")  # no Tukey to run
+    page, printed = write_report(losses_long(("trades",), models=one_per_size), tmp_path / "study", tmp_path / "figs")
+    assert any("skipped: comparing losses needs two or more; the study has 1: trades" in line for line in printed)
+    assert "the study has 1: trades" in page and "Flagged cells" not in page
+
+
+def test_figures_out_at_a_file_is_a_clear_error(tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep")
+    for out in (taken, taken / "figs"):
+        assert main(["figures", f"study={SYNTH}", f"paths.results={tmp_path}", "--out", str(out)]) == 2
+        printed = capsys.readouterr().err
+        assert f"--out {out}" in printed and "a file" in printed and "Traceback" not in printed
+    assert taken.read_text() == "keep"
 
 
 # --- the imported published table ---------------------------------------------------------------
@@ -451,7 +622,9 @@ def test_figures_command_on_the_published_table(published_root, tmp_path, capsys
     elapsed = time.perf_counter() - start
     printed = capsys.readouterr().out
     assert "skipped" not in printed
-    assert "no per-example results" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "no per-example results" in page
+    assert ("Flagged cells" in page) == (published_root / "published" / data.FLAGS_FILE).exists()
     pngs = list((out / "plots").glob("*.png"))
     assert len(pngs) == len(list((out / "plots").glob("*.pdf"))) >= 17 and all(map(is_image, pngs))
     for protocol in ("fft50", "fft5", "lp50"):

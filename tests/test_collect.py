@@ -18,8 +18,9 @@ import yaml
 
 from benchmark import results
 from benchmark.cell import CONFIG_FILE, ROWS_FILE, Cell, write_config
-from benchmark.collect import CELLS_DIR, MANIFEST_FILE, collect, collect_command
+from benchmark.collect import CELLS_DIR, MANIFEST_FILE, collect
 from benchmark.study import plan
+from benchmark.tables import collect_command, wide
 from fixtures.make_sweep import STUDY, rows
 
 SWEEP = Path(__file__).parent / "fixtures" / "sweep"
@@ -136,7 +137,7 @@ def test_cells_of_several_seeds_are_collected_side_by_side(tmp_path: Path):
         ("classic_at", 0), ("classic_at", 1), ("trades", 0), ("trades", 1)]
     assert set(collected["slug"].to_pylist()) == {c.slug for c in cells}
     long = measurements.to_pandas()
-    assert len(results.wide(long)) == 4  # one row per cell, two per grid point
+    assert len(wide(long)) == 4  # one row per cell, two per grid point
     with pytest.warns(AnalysisWarning, match="averaged"):
         averaged = prepare(long)
     assert len(averaged) == 10 and set(averaged["n_seeds"]) == {2}

@@ -1,6 +1,7 @@
 """The cost estimate of `rftbench plan`: rates calibrated on collected cells (written and collected
 by the real writers), fallback to coarser groups, the planned study's own cells first, honest
-labels (device, GPU or not, no data), all through the command line."""
+labels (device, GPU or not, no data), all through the command line; before any cell has run, the
+prior: counted FLOPs x passes x split sizes at a sustained rate."""
 from __future__ import annotations
 
 import functools
@@ -8,13 +9,16 @@ import json
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmark.cell import ROWS_FILE, Cell, write_config
 from benchmark.cli import main
 from benchmark.collect import collect
 from benchmark.results import CELLS_FILE, write_rows
-from benchmark.study import plan
+from benchmark.cost import EVAL_PASSES, flops_table
+from benchmark.prepare import assign_splits
+from benchmark.study import load_option, options, plan
 from fixtures.make_sweep import rows
 
 CONDITIONS = 5  # the demo's eval conditions: a cell's eval seconds are the sum over them
@@ -142,19 +146,75 @@ def test_the_planned_studys_own_cells_come_first_and_done_cells_are_not_left(mea
     assert "NOT GPU-hours" not in plan_text(capsys, "study=demo")
 
 
-def test_no_usable_cells_is_no_estimate_not_zero(roots, capsys):
+def prior_hours(cells: list[Cell], gpu_tflops: float) -> float:
+    """The prior, written out: forward GFLOPs x (epochs x (train x (2K + 1 + update) + val) + tested x
+    the conditions' passes), at gpu_tflops; update 3 passes with full fine-tuning, 1 with probing."""
+    total = 0.0
+    for cell in cells:
+        config = cell.config
+        dataset, protocol, attack = config["dataset"], config["protocol"], config["loss"]["attack"]
+        sizes = dataset["split_sizes"]
+        forward = flops_table()[config["model"]["arch"], dataset["image_size"]]
+        per_image = 2 * attack["steps"] + 1 + (3 if protocol["train_backbone"] else 1)
+        evaluation = sum(EVAL_PASSES[spec["kind"]] for spec in config["eval"].values())
+        total += forward * (protocol["epochs"] * (sizes["train"] * per_image + sizes["val"])
+                            + min(sizes["test_pool"], dataset["test_size"]) * evaluation)
+    return total / (gpu_tflops * 1e3) / 3600
+
+
+def test_without_measured_cells_the_prior_gives_gpu_hours_at_the_configured_rate(roots, capsys):
     cell = demo_cell("test_resnet.demo", "classic_at", "fft5")
     run_cells(roots["results"] / "imported", {cell: (0.0, 0.0)}, source="imported",
               train_seconds=None, eval_seconds=None)
     # A resumed cell's train seconds cover only its last attempt: not a calibration cell either.
     run_cells(roots["results"] / "resumed", {cell: (30.0, 2.0)}, attempt=2)
     estimate = plan_json(capsys, "study=demo")
-    assert estimate["hours"] is None and estimate["calibration"]["cells"] == 0
-    assert "cost estimate: none: no measured cells to calibrate on" in plan_text(capsys, "study=demo")
+    assert estimate["calibration"]["cells"] == 0
+    assert (estimate["basis"], estimate["unit"], estimate["prior"]["gpu_tflops"]) == ("prior", "GPU-hours", 100.0)
+    assert estimate["hours"] == pytest.approx(prior_hours(demo_cells(), 100.0))
+    assert plan_json(capsys, "study=demo", "runtime.gpu_tflops=50")["hours"] == pytest.approx(2 * estimate["hours"])
+    text = plan_text(capsys, "study=demo")
+    assert f"cost estimate: ≈ {estimate['hours']:.3g} GPU-hours at 100 TFLOP/s sustained for the 12 cells" in text
+    assert "prior: no measured cells to calibrate on" in text
 
 
-def test_an_empty_results_root_is_no_estimate(roots, capsys):
-    assert "cost estimate: none: no measured cells to calibrate on" in plan_text(capsys, "study=demo")
+def test_the_paper_study_has_a_prior_for_every_cell_before_anything_ran(roots, capsys):
+    estimate = plan_json(capsys, "study=paper")
+    assert estimate["basis"] == "prior" and estimate["cells_unestimated"] == []
+    assert estimate["hours"] == pytest.approx(prior_hours(plan(["study=paper"]).cells, 100.0))
+
+
+def test_measured_cells_take_over_from_the_prior(measured, capsys):
+    estimate = plan_json(capsys, "study=demo")
+    assert (estimate["basis"], estimate["prior"]) == ("measured", None)
+    assert "calibrated on 3 measured cells" in plan_text(capsys, "study=demo")
+
+
+def test_the_flops_table_has_every_backbone_and_recounts_the_same():
+    flops = pytest.importorskip("benchmark.flops")
+    table = flops_table()
+    assert set(flops.table_rows()) <= set(table)
+    for arch, size in [("test_resnet", 32), ("test_vit", 32), ("mobilenetv3_large_100", 224)]:
+        assert flops.forward_gflops(arch, size) == pytest.approx(table[arch, size], rel=1e-3)
+
+
+@pytest.mark.parametrize("name", options("dataset"))
+def test_split_sizes_are_those_of_the_split_rule(name):
+    """Counts depend only on the number of images per official split, not on the images:
+    labels made up over the published totals give the option's split sizes."""
+    cfg = load_option("dataset", name)
+    sizes = cfg["split_sizes"]
+    official = {(): [None] * (sizes["train"] + sizes["val"] + sizes["test_pool"]),
+                ("trainval", "test"): ["trainval"] * (sizes["train"] + sizes["val"]) + ["test"] * sizes["test_pool"],
+                ("train", "val", "test"): ["train"] * sizes["train"] + ["val"] * sizes["val"]
+                                          + ["test"] * sizes["test_pool"]}[tuple(cfg["official_splits"])]
+    labels = np.arange(len(official)) % cfg["num_classes"]
+    splits, pool = assign_splits(labels, official, cfg)
+    assert (len(splits["train"]), len(splits["val"]), pool) == (sizes["train"], sizes["val"], sizes["test_pool"])
+
+
+def test_an_empty_results_root_is_a_prior_estimate(roots, capsys):
+    assert "GPU-hours at 100 TFLOP/s sustained" in plan_text(capsys, "study=demo")
 
 
 def test_done_cells_not_collected_yet_are_pointed_out(measured, roots, capsys):

@@ -16,12 +16,14 @@ import scipy.io
 import torch
 from PIL import Image
 from torchvision.datasets import Flowers102
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.transforms import v2
 
-from benchmark import data
+from benchmark import data, prepare
 from benchmark.cli import main
 from benchmark.errors import RFTBenchError
-from benchmark.study import load_option, merged
+from benchmark.study import load_option, merged, options
+from conftest import COMPUTE_PACKAGES, modules_loaded
 
 CLASSES = 3
 SIZE = 16  # image_size for the fixtures: tiny, so loading is fast
@@ -36,11 +38,12 @@ class Layout:
     source: Path
     official: dict[str, str | None]
     class_names: list[str]
+    source_format: str | None = None  # when not the dataset config's own
 
     @property
     def cfg(self) -> dict:
         """The dataset's config, with the fixture's class count and a tiny image size."""
-        patch = {"image_size": SIZE}
+        patch = {"image_size": SIZE} | ({"source_format": self.source_format} if self.source_format else {})
         if self.dataset != "flowers102":  # flowers' class names are torchvision's full list
             patch["num_classes"] = len(self.class_names)
         return merged(load_option("dataset", self.dataset), patch)
@@ -131,16 +134,36 @@ def stanford_cars(raw: Path) -> Layout:
     return Layout("stanford_cars", raw, official, names)
 
 
+def authors_processed(raw: Path) -> Layout:
+    """The authors' archive of caltech101, extracted: per split numbered PNGs (the same names in
+    every split) and labels.csv, metadata.json; test_common holds other (corrupted) images."""
+    base = raw / "caltech101"
+    plan = {"train": 4, "val": 2, "test": 3, "test_common": 3}  # images per class
+    official, seed = {}, 0
+    for split, per_class in plan.items():
+        labels = [label for _ in range(per_class) for label in range(CLASSES)]  # interleaved
+        lines = ["filename,label\n"]
+        for i, label in enumerate(labels):
+            seed += 1
+            digest = _image(base / split / f"{i:05d}.png", seed)
+            official |= {digest: split} if split != "test_common" else {}
+            lines.append(f"{i:05d}.png,{label}\n")
+        (base / split / "labels.csv").write_text("".join(lines))
+    counts = {split: {"count": per_class * CLASSES} for split, per_class in plan.items()}
+    (base / "metadata.json").write_text(json.dumps({"N": CLASSES, "splits": counts}))
+    return Layout("caltech101", raw, official, [str(label) for label in range(CLASSES)], "authors_processed")
+
+
 LAYOUTS: list[Callable[[Path], Layout]] = [uc_merced, caltech101, fgvc_aircraft, flowers102, oxford_pet, stanford_cars]
 
 
 def _index(directory: Path) -> list[dict]:
-    with (directory / data.INDEX).open() as f:
+    with (directory / prepare.INDEX).open() as f:
         return list(csv.DictReader(f))
 
 
 def _manifest(directory: Path) -> dict:
-    return json.loads((directory / data.MANIFEST).read_text())
+    return json.loads((directory / prepare.MANIFEST).read_text())
 
 
 # ---------------------------------------------------------------------------- prepare
@@ -149,33 +172,33 @@ def _manifest(directory: Path) -> dict:
 @pytest.mark.parametrize("build", LAYOUTS, ids=lambda build: build.__name__)
 def test_prepare_applies_the_split_rule(build, tmp_path, roots):
     layout = build(tmp_path / "raw")
-    manifest = data.prepare(layout.cfg, layout.source, roots["data"])
+    manifest = prepare.prepare(layout.cfg, layout.source, roots["data"])
     directory = roots["data"] / layout.dataset
     rows = _index(directory)
-    by_split = {split: [row for row in rows if row["split"] == split] for split in data.SPLITS}
+    by_split = {split: [row for row in rows if row["split"] == split] for split in prepare.SPLITS}
 
     assert manifest == _manifest(directory)
     assert manifest["class_names"][:CLASSES] == layout.class_names
-    assert manifest["counts"] == {split: len(by_split[split]) for split in data.SPLITS}
-    assert manifest["index_sha256"] == hashlib.sha256((directory / data.INDEX).read_bytes()).hexdigest()
+    assert manifest["counts"] == {split: len(by_split[split]) for split in prepare.SPLITS}
+    assert manifest["index_sha256"] == hashlib.sha256((directory / prepare.INDEX).read_bytes()).hexdigest()
     for row in rows:  # every prepared file is a source image, unchanged, with its recorded checksum
         assert hashlib.sha256((directory / row["path"]).read_bytes()).hexdigest() == row["sha256"]
         assert manifest["class_names"][int(row["label"])] == row["class_name"]
-    hashes = {split: {row["sha256"] for row in by_split[split]} for split in data.SPLITS}
+    hashes = {split: {row["sha256"] for row in by_split[split]} for split in prepare.SPLITS}
     assert set().union(*hashes.values()) == set(layout.official)  # all kept (BACKGROUND dropped)
     assert sum(map(len, hashes.values())) == len(rows)  # disjoint
-    for split in data.SPLITS:  # stratified: every class in every split
+    for split in prepare.SPLITS:  # stratified: every class in every split
         assert {int(row["label"]) for row in by_split[split]} == set(range(CLASSES))
 
     rule = layout.cfg["official_splits"]
     if "train" in rule:
-        assert all(layout.official[h] == split for split in data.SPLITS for h in hashes[split])
+        assert all(layout.official[h] == split for split in prepare.SPLITS for h in hashes[split])
     elif rule:
         assert all(layout.official[h] == "test" for h in hashes["test"])
-        assert len(hashes["val"]) == math.ceil(data.VAL_FRACTION * (len(rows) - len(hashes["test"])))
+        assert len(hashes["val"]) == math.ceil(prepare.VAL_FRACTION * (len(rows) - len(hashes["test"])))
     else:
-        assert len(hashes["test"]) == math.ceil(data.TEST_FRACTION * len(rows))
-        assert len(hashes["val"]) == math.ceil(data.VAL_FRACTION * (len(rows) - len(hashes["test"])))
+        assert len(hashes["test"]) == math.ceil(prepare.TEST_FRACTION * len(rows))
+        assert len(hashes["val"]) == math.ceil(prepare.VAL_FRACTION * (len(rows) - len(hashes["test"])))
     assert all(original.exists() for original in layout.source.rglob("*"))  # originals kept
 
 
@@ -183,22 +206,22 @@ def test_test_split_is_a_stratified_deterministic_subsample(tmp_path, roots):
     layout = fgvc_aircraft(tmp_path / "raw")
     cfg = merged(layout.cfg, {"test_size": 6})
     first, second = roots["data"] / "a", roots["data"] / "b"
-    manifest = data.prepare(cfg, layout.source, first)
-    data.prepare(cfg, layout.source, second)
+    manifest = prepare.prepare(cfg, layout.source, first)
+    prepare.prepare(cfg, layout.source, second)
 
     test = [row for row in _index(first / "fgvc_aircraft") if row["split"] == "test"]
     assert manifest["test_pool"] == 12 and manifest["counts"]["test"] == 6
     assert manifest["class_counts"]["test"] == [2, 2, 2]
     assert all(layout.official[row["sha256"]] == "test" for row in test)
-    for name in (data.INDEX, data.MANIFEST):  # same files -> same split, byte for byte
+    for name in (prepare.INDEX, prepare.MANIFEST):  # same files -> same split, byte for byte
         assert (first / "fgvc_aircraft" / name).read_bytes() == (second / "fgvc_aircraft" / name).read_bytes()
 
 
 def test_prepare_is_idempotent_and_leaves_nothing_behind(tmp_path, roots):
     layout = uc_merced(tmp_path / "raw")
-    data.prepare(layout.cfg, layout.source, roots["data"])
+    prepare.prepare(layout.cfg, layout.source, roots["data"])
     before = {p.relative_to(roots["data"]): p.read_bytes() for p in roots["data"].rglob("*") if p.is_file()}
-    data.prepare(layout.cfg, layout.source, roots["data"])
+    prepare.prepare(layout.cfg, layout.source, roots["data"])
     after = {p.relative_to(roots["data"]): p.read_bytes() for p in roots["data"].rglob("*") if p.is_file()}
     assert after == before
     assert [p.name for p in roots["data"].iterdir()] == ["uc_merced"]
@@ -206,27 +229,108 @@ def test_prepare_is_idempotent_and_leaves_nothing_behind(tmp_path, roots):
 
 def test_a_failed_prepare_keeps_the_previous_dataset(tmp_path, roots):
     layout = fgvc_aircraft(tmp_path / "raw")
-    data.prepare(layout.cfg, layout.source, roots["data"])
-    manifest = (roots["data"] / "fgvc_aircraft" / data.MANIFEST).read_bytes()
+    prepare.prepare(layout.cfg, layout.source, roots["data"])
+    manifest = (roots["data"] / "fgvc_aircraft" / prepare.MANIFEST).read_bytes()
     (layout.source / "fgvc-aircraft-2013b" / "data" / "images" / "1000003.jpg").unlink()
 
     with pytest.raises(RFTBenchError, match=r"1 image\(s\) .* missing, e\.g\. data/images/1000003\.jpg"):
-        data.prepare(layout.cfg, layout.source, roots["data"])
-    assert (roots["data"] / "fgvc_aircraft" / data.MANIFEST).read_bytes() == manifest
+        prepare.prepare(layout.cfg, layout.source, roots["data"])
+    assert (roots["data"] / "fgvc_aircraft" / prepare.MANIFEST).read_bytes() == manifest
     assert [p.name for p in roots["data"].iterdir()] == ["fgvc_aircraft"]
 
 
 def test_prepare_rejects_bad_sources(tmp_path, roots):
     cfg = load_option("dataset", "fgvc_aircraft")
     with pytest.raises(RFTBenchError, match="needs source=DIR"):
-        data.prepare(cfg, None, roots["data"])
+        prepare.prepare(cfg, None, roots["data"])
     with pytest.raises(RFTBenchError, match=r"'.*absent' is not a directory.*fgvc-aircraft-2013b"):
-        data.prepare(cfg, tmp_path / "absent", roots["data"])
+        prepare.prepare(cfg, tmp_path / "absent", roots["data"])
     with pytest.raises(RFTBenchError, match="does not hold the torchvision_fgvc_aircraft layout"):
-        data.prepare(cfg, tmp_path, roots["data"])
+        prepare.prepare(cfg, tmp_path, roots["data"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(RFTBenchError, match="cannot read the imagefolder layout"):
-        data.prepare(load_option("dataset", "uc_merced"), tmp_path / "empty", roots["data"])
+        prepare.prepare(load_option("dataset", "uc_merced"), tmp_path / "empty", roots["data"])
+    assert list(roots["data"].iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- source formats
+
+
+def test_every_configured_source_format_is_registered():
+    used = {load_option("dataset", name)["source_format"] for name in options("dataset")}
+    assert used <= set(prepare.SOURCE_FORMATS.names())
+    assert "authors_processed" in prepare.SOURCE_FORMATS.names("authors_*")
+
+
+def test_preparation_and_the_prelaunch_check_import_no_torch(tmp_path, roots):
+    layout = uc_merced(tmp_path / "raw")
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from benchmark.cli import main\n"
+        "from benchmark.prepare import prepared_index, require_prepared\n"
+        "from benchmark.study import load_option, merged\n"
+        "assert main(['prepare-data', 'dataset=uc_merced', 'source=' + sys.argv[1]]) == 0\n"
+        "cfg = merged(load_option('dataset', 'uc_merced'), {'num_classes': 3})\n"
+        "require_prepared(cfg, Path(sys.argv[2]))\n"
+        "assert len(prepared_index(cfg, Path(sys.argv[2]))[2]) == 30\n"
+    )
+    assert not modules_loaded(script, str(layout.source), str(roots["data"]), cwd=tmp_path) & COMPUTE_PACKAGES
+
+
+def test_folder_layouts_and_flowers_read_as_torchvision_reads_them(tmp_path):
+    images = caltech101(tmp_path / "raw").source / "caltech101" / "101_ObjectCategories"
+    (images / "accordion" / "notes.txt").write_text("not an image")
+    _image(images / "ant" / "nested" / "image_0001.PNG", seed=77)
+    items, classes = prepare._read_folder(images, images)
+    assert classes == find_classes(images)[0]
+    expected = make_dataset(images, find_classes(images)[1], extensions=IMG_EXTENSIONS)
+    assert [(item.path, item.label) for item in items] == [(Path(path), label) for path, label in expected]
+    assert prepare.IMAGE_SUFFIXES == IMG_EXTENSIONS
+    assert list(prepare.FLOWERS102_CLASSES) == Flowers102.classes
+
+
+def test_authors_archive_keeps_their_split_membership(tmp_path, roots, capsys):
+    layout = authors_processed(tmp_path / "raw")
+    assert main(["prepare-data", "dataset=caltech101", f"source={layout.source}",
+                 "source_format=authors_processed"]) == 0
+    assert "dataset.source_format=authors_processed" in capsys.readouterr().err
+    directory = roots["data"] / "caltech101"
+    rows, manifest = _index(directory), _manifest(directory)
+    shipped = {}  # (split, file name) -> label, as their labels.csv give them
+    for split in prepare.SPLITS:
+        with (layout.source / "caltech101" / split / "labels.csv").open() as f:
+            shipped |= {(split, row["filename"]): int(row["label"]) for row in csv.DictReader(f)}
+
+    assert {row["sha256"]: row["split"] for row in rows} == layout.official  # exactly theirs, no test_common
+    assert {(row["split"], Path(row["path"]).name): int(row["label"]) for row in rows} == shipped
+    metadata = json.loads((layout.source / "caltech101" / "metadata.json").read_text())
+    assert manifest["counts"] == {split: metadata["splits"][split]["count"] for split in prepare.SPLITS}
+    assert manifest["test_pool"] == manifest["counts"]["test"]  # not subsampled
+    assert manifest["split_rule"] == {"final_splits": list(prepare.SPLITS)}
+    splits = data.load_splits(layout.cfg, roots["data"])
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 6, 9)
+    assert splits.class_names == layout.class_names
+
+    default = merged(load_option("dataset", "caltech101"), {"num_classes": CLASSES})
+    with pytest.raises(RFTBenchError, match=r"source_format is authors_processed, the config wants "
+                                            r"torchvision_caltech101.*prepare-data dataset=caltech101 source=DIR paths.data="):
+        prepare.require_prepared(default, roots["data"])
+    prepare.prepare(default, caltech101(tmp_path / "raw2").source, roots["data"])
+    with pytest.raises(RFTBenchError, match=r"wants authors_processed.*source=DIR source_format=authors_processed"):
+        prepare.require_prepared(layout.cfg, roots["data"])
+
+
+def test_a_damaged_authors_archive_is_refused(tmp_path, roots):
+    layout = authors_processed(tmp_path / "raw")
+    labels = layout.source / "caltech101" / "val" / "labels.csv"
+    labels.write_text(labels.read_text() + "00000.png,7\n")
+    with pytest.raises(RFTBenchError, match=r"val/labels\.csv lists 7 images, metadata\.json says 6"):
+        prepare.prepare(layout.cfg, layout.source, roots["data"])
+    metadata = layout.source / "caltech101" / "metadata.json"
+    metadata.write_text(metadata.read_text().replace('"val": {"count": 6}', '"val": {"count": 7}'))
+    with pytest.raises(RFTBenchError, match=r"labels \[7\] .* have no class name \(3 classes\)"):
+        prepare.prepare(layout.cfg, layout.source, roots["data"])
     assert list(roots["data"].iterdir()) == []
 
 
@@ -236,7 +340,7 @@ def test_prepare_rejects_bad_sources(tmp_path, roots):
 @pytest.fixture
 def prepared(tmp_path, roots) -> Layout:
     layout = uc_merced(tmp_path / "raw")
-    data.prepare(layout.cfg, layout.source, roots["data"])
+    prepare.prepare(layout.cfg, layout.source, roots["data"])
     return layout
 
 
@@ -244,7 +348,7 @@ def test_load_splits_items(prepared, roots):
     splits = data.load_splits(prepared.cfg, roots["data"])
     assert splits.num_classes == CLASSES and splits.class_names == prepared.class_names
     counts = _manifest(roots["data"] / "uc_merced")["counts"]
-    assert {split: len(getattr(splits, split)) for split in data.SPLITS} == counts
+    assert {split: len(getattr(splits, split)) for split in prepare.SPLITS} == counts
     for dataset in (splits.train, splits.val, splits.test):
         x, y = dataset[0]
         assert x.shape == (3, SIZE, SIZE) and x.dtype == torch.float32
@@ -286,10 +390,10 @@ def test_decoded_pixels_are_shared_until_the_dataset_is_prepared_anew(prepared, 
     assert again.train.cache is first.train.cache  # the next cell of a local sweep decodes nothing
     image = next((prepared.source / "UCMerced_LandUse" / "Images").rglob("*.tif"))
     Image.fromarray(np.zeros((10, 12, 3), dtype=np.uint8)).save(image)
-    data.prepare(prepared.cfg, prepared.source, roots["data"])
+    prepare.prepare(prepared.cfg, prepared.source, roots["data"])
     anew = data.load_splits(prepared.cfg, roots["data"])
     changed = [int((getattr(anew, split).cache != getattr(first, split).cache).flatten(1).any(1).sum())
-               for split in data.SPLITS]
+               for split in prepare.SPLITS]
     assert sum(changed) == 1  # the image replaced, decoded anew
 
 
@@ -298,12 +402,34 @@ def test_digits_prepare_themselves(roots):
     splits = data.load_splits(cfg, roots["data"])
     manifest = _manifest(roots["data"] / "digits")
     assert manifest["counts"]["train"] + manifest["counts"]["val"] + manifest["test_pool"] == 1797
-    assert manifest["test_pool"] == math.ceil(data.TEST_FRACTION * 1797)
+    assert manifest["test_pool"] == math.ceil(prepare.TEST_FRACTION * 1797)
     assert len(splits.test) == cfg["test_size"] and splits.class_names == [str(d) for d in range(10)]
     x, y = data.load_tensors(splits.test)
     assert x.shape == (cfg["test_size"], 3, cfg["image_size"], cfg["image_size"])
     assert sorted(set(y.tolist())) == list(range(10))
     assert torch.equal(x[:, 0], x[:, 1])  # grey saved as RGB
+
+
+def test_native_test_images_resize_to_the_test_tensors(tmp_path, roots):
+    images = tmp_path / "raw" / "UCMerced_LandUse" / "Images"
+    for label, name in enumerate(["agricultural", "beach", "forest"]):
+        (images / name).mkdir(parents=True)
+        for i in range(10):  # sizes above and below image_size; grey, palette and RGB files
+            rgb = np.random.default_rng(10 * label + i).integers(0, 256, (7 + 3 * i, 30 - 2 * i, 3), dtype=np.uint8)
+            Image.fromarray(rgb).convert(("L", "P", "RGB")[i % 3]).save(images / name / f"{name}{i:02d}.png")
+    cfg = merged(load_option("dataset", "uc_merced"), {"num_classes": 3, "image_size": SIZE})
+    prepare.prepare(cfg, tmp_path / "raw", roots["data"])
+
+    native = data.load_test_native(cfg, roots["data"])
+    test_rows = [row for row in _index(roots["data"] / "uc_merced") if row["split"] == "test"]
+    assert len(native) == len(test_rows)
+    for array, row in zip(native, test_rows):
+        with Image.open(roots["data"] / "uc_merced" / row["path"]) as image:
+            assert array.dtype == np.uint8 and array.shape == (image.height, image.width, 3)
+            if image.mode == "L":
+                assert (array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all()
+    x, _ = data.load_tensors(data.load_splits(cfg, roots["data"]).test)
+    assert torch.equal(data.test_input(native, cfg), x)
 
 
 # ---------------------------------------------------------------------------- bad state
@@ -326,7 +452,7 @@ def test_unprepared_dataset_names_the_fix(tmp_path, roots):
 def _corrupt_counts(directory: Path) -> None:
     manifest = _manifest(directory)
     manifest["counts"]["train"] += 1
-    (directory / data.MANIFEST).write_text(json.dumps(manifest))
+    (directory / prepare.MANIFEST).write_text(json.dumps(manifest))
 
 
 def _delete_an_image(directory: Path) -> None:
@@ -334,14 +460,14 @@ def _delete_an_image(directory: Path) -> None:
 
 
 def _edit_index(directory: Path) -> None:
-    (directory / data.INDEX).write_text((directory / data.INDEX).read_text().replace(",train,", ",val,", 1))
+    (directory / prepare.INDEX).write_text((directory / prepare.INDEX).read_text().replace(",train,", ",val,", 1))
 
 
 @pytest.mark.parametrize("corrupt, message", [
     (_corrupt_counts, r"corrupted .* counts .* differ"),
     (_delete_an_image, r"corrupted .* 1 image files are missing"),
     (_edit_index, r"corrupted .* index\.csv's checksum differs"),
-    (lambda directory: (directory / data.MANIFEST).write_text("{"), r"corrupted .* JSONDecodeError"),
+    (lambda directory: (directory / prepare.MANIFEST).write_text("{"), r"corrupted .* JSONDecodeError"),
 ])
 def test_corrupted_prepared_data_is_refused(prepared, roots, corrupt, message):
     corrupt(roots["data"] / "uc_merced")
@@ -365,17 +491,19 @@ def test_prepare_data_command(tmp_path, roots, capsys):
     out, err = capsys.readouterr()
     assert "prepared uc_merced (3 classes): train 20, val 4, test 6" in out
     assert "config says uc_merced has 21 classes" in err
-    assert (roots["data"] / "uc_merced" / data.MANIFEST).is_file()
+    assert (roots["data"] / "uc_merced" / prepare.MANIFEST).is_file()
 
     elsewhere = tmp_path / "elsewhere"
-    assert main(["prepare-data", "dataset=uc_merced", f"source={layout.source}", f"data={elsewhere}"]) == 0
+    assert main(["prepare-data", "dataset=uc_merced", f"source={layout.source}", f"paths.data={elsewhere}"]) == 0
     assert _index(elsewhere / "uc_merced") == _index(roots["data"] / "uc_merced")
 
 
 @pytest.mark.parametrize("argv, message", [
     (["dataset=uc_merce", "source=x"], "unknown dataset 'uc_merce'"),
     (["source=x"], "needs dataset=NAME"),
-    (["dataset=uc_merced", "sauce=x"], "unknown prepare-data argument 'sauce'.*: source"),
+    (["dataset=uc_merced", "sauce=x"], "unknown argument 'sauce'.*: source"),
+    (["dataset=uc_merced", "source=x", "source_format=authors"],
+     "unknown dataset source format 'authors'.*: authors_processed"),
 ])
 def test_prepare_data_command_rejects_bad_words(roots, capsys, argv, message):
     assert main(["prepare-data", *argv]) == 2

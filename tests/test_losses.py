@@ -1,19 +1,28 @@
 """Robust losses (values against a direct computation from the same adversarial examples; the
-attack in eval mode, the loss in training mode) and the eps schedules."""
+attack in eval mode, the loss in training mode; MART against a batch computed by hand), the loss
+kinds' registry and config checks, and the eps schedules."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from torch import nn
 
+from benchmark import tables
 from benchmark.attacks import apgd, eval_mode
+from benchmark.cli import main
 from benchmark.errors import RFTBenchError
-from benchmark.losses import NonFiniteLossError, eps_at_epoch, make_loss, plateau_epoch
-from benchmark.study import load_option
+from benchmark.loss_kinds import LOSSES, check_loss_option, eps_at_epoch, plateau_epoch
+from benchmark.losses import NonFiniteLossError, make_loss, mart_objective
+from benchmark.paths import CONF_DIR
+from benchmark.study import load_option, options, plan
+from conftest import COMPUTE_PACKAGES, modules_loaded
 
 EPS = 4 / 255
 
@@ -75,14 +84,59 @@ def test_trades_matches_the_reference_formula_on_the_same_examples(model, batch)
     assert _batches_tracked(model) == before + 2
 
 
-@pytest.mark.parametrize("name", ["classic_at", "trades"])
+def test_mart_matches_the_formula_on_the_same_examples(model, batch):
+    x, y = batch
+    reference = copy.deepcopy(model)
+    before = _batches_tracked(model)
+    loss, logits_adv = make_loss(_loss_cfg("mart"))(model, x, y, EPS)
+
+    x_adv = _adversarial(reference, x, y)  # the same APGD-CE examples as the other losses
+    logits, expected_adv = reference(x), reference(x_adv)
+    torch.testing.assert_close(loss, mart_objective(logits, expected_adv, y, 5.0))
+    torch.testing.assert_close(logits_adv, expected_adv.detach())
+    assert _batches_tracked(model) == before + 2
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def _softmax(logits: list[float]) -> list[float]:
+    exps = [math.exp(v) for v in logits]
+    return [e / sum(exps) for e in exps]
+
+
+def test_mart_value_on_a_batch_computed_by_hand():
+    clean = [[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]]
+    adversarial = [[1.0, 2.0, 0.0], [0.5, 0.0, 1.0]]
+    labels, lam = [0, 1], 5.0
+    boosted_ce, weighted_kl = [], []
+    for z, z_adv, label in zip(clean, adversarial, labels):
+        p, p_adv = _softmax(z), _softmax(z_adv)
+        best_wrong = max(q for k, q in enumerate(p_adv) if k != label)
+        boosted_ce.append(-math.log(p_adv[label]) - math.log(1 - best_wrong))
+        kl = sum(pk * math.log(pk / qk) for pk, qk in zip(p, p_adv))
+        weighted_kl.append(kl * (1 - p[label]))
+    expected = sum(boosted_ce) / 2 + lam * sum(weighted_kl) / 2
+
+    value = mart_objective(torch.tensor(clean), torch.tensor(adversarial), torch.tensor(labels), lam)
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_mart_stays_finite_when_a_wrong_class_takes_all_the_probability():
+    logits_adv = torch.tensor([[0.0, 200.0, 0.0]])  # p_adv of class 1 rounds to exactly 1
+    value = mart_objective(torch.zeros(1, 3), logits_adv, torch.tensor([0]), 5.0)
+    assert torch.isfinite(value) and value > 200
+
+
+@pytest.mark.parametrize("name", ["classic_at", "trades", "mart"])
 def test_eps_zero_skips_the_attack(model, batch, name):
     x, y = batch
     reference = copy.deepcopy(model)
     before = _batches_tracked(model)
     loss, logits_adv = make_loss(_loss_cfg(name))(model, x, y, 0.0)
     clean_logits = reference(x)
-    torch.testing.assert_close(loss, F.cross_entropy(clean_logits, y))  # TRADES' KL term is 0
+    # TRADES' and MART's KL terms are 0: what is left is their loss on the clean examples.
+    clean_loss = mart_objective(clean_logits, clean_logits, y, 0.0) if name == "mart" else F.cross_entropy(clean_logits, y)
+    torch.testing.assert_close(loss, clean_loss)
     torch.testing.assert_close(logits_adv, clean_logits.detach())
     assert _batches_tracked(model) == before + 1  # one training pass, nothing else
 
@@ -109,11 +163,57 @@ def test_non_finite_loss_raises_a_clear_error(model, batch, eps):
     assert isinstance(info.value, RFTBenchError)
 
 
-def test_make_loss_refuses_bad_configs():
-    with pytest.raises(RFTBenchError, match="unknown loss kind .* 'trade'; valid choices \\(closest first\\): trades"):
-        make_loss(_loss_cfg("trades", kind="trade"))
-    with pytest.raises(RFTBenchError, match="trades needs trades_beta"):
-        make_loss(_loss_cfg("trades", trades_beta=None))
+@pytest.mark.parametrize("patch, message", [
+    ({"kind": "trade"}, r"unknown loss kind .* 'trade'; valid choices \(closest first\): trades"),
+    ({"trades_beta": None}, r"loss option 'trades': loss.trades_beta=None: input should be a valid number"),
+    ({"trades_beta": 0}, r"loss.trades_beta=0: input should be greater than 0"),
+    ({"mart_lambda": 5.0}, r"loss.mart_lambda is not a known key"),  # another kind's key
+    ({"eps_schedule": {"name": "two_hinge", "t1": 30, "t2": 20}}, r"t1 \(30\) must not exceed t2 \(20\)"),
+    ({"eps_schedule": {"name": "linear", "warmup": 3}}, r"loss.eps_schedule.warmup is not a known key"),
+])
+def test_bad_loss_options_are_refused_without_torch_and_by_make_loss(patch, message):
+    cfg = _loss_cfg("trades", **patch)
+    with pytest.raises(RFTBenchError, match=message):
+        check_loss_option(cfg)
+    if "eps_schedule" not in patch:  # the schedule is read per epoch, by the trainer
+        with pytest.raises(RFTBenchError, match=message):
+            make_loss(cfg)
+
+
+def test_a_missing_kind_key_is_refused():
+    cfg = {key: value for key, value in _loss_cfg("trades").items() if key != "trades_beta"}
+    with pytest.raises(RFTBenchError, match="loss.trades_beta is missing"):
+        check_loss_option(cfg)
+    with pytest.raises(RFTBenchError, match="loss.mart_lambda=-1: input should be greater than or equal to 0"):
+        check_loss_option(_loss_cfg("mart", mart_lambda=-1))
+
+
+def test_loss_options_are_checked_without_torch():
+    script = ("from benchmark.loss_kinds import check_loss_option, eps_at_epoch\n"
+              "from benchmark.study import load_option, options\n"
+              "for option in options('loss'):\n"
+              "    check_loss_option(load_option('loss', option))\n"
+              "assert eps_at_epoch({'name': 'two_hinge'}, 1.0, 2, 4, []) == 0.5\n")
+    assert not modules_loaded(script) & COMPUTE_PACKAGES
+
+
+@pytest.mark.parametrize("option", options("loss"))
+def test_every_loss_option_is_a_registered_kind_and_composes_as_hydra_does(option):
+    cfg = load_option("loss", option)
+    assert cfg["kind"] in LOSSES and cfg["name"] == option
+    check_loss_option(cfg)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        composed = compose(config_name="config", overrides=[f"loss={option}"])
+    assert OmegaConf.to_container(composed.loss) == cfg  # the base merged in, as Hydra merges it
+
+
+def test_the_loss_base_is_no_option_and_every_option_states_its_identity():
+    assert all(not name.startswith("_") for name in options("loss"))
+    for option in options("loss"):
+        text = (CONF_DIR / "loss" / f"{option}.yaml").read_text()
+        own = OmegaConf.create(text)
+        assert {"name", "kind", "study_name"} <= set(own), option
+        assert set(own) - {"defaults", "name", "kind", "study_name", "eps_schedule"} <= set(LOSSES[own.kind].schema.model_fields)
 
 
 # --- eps schedules ---------------------------------------------------------------------------
@@ -170,3 +270,27 @@ def test_auto_schedule_waits_for_the_plateau_then_ramps_to_the_last_epoch():
 def test_unknown_schedule_lists_the_choices():
     with pytest.raises(RFTBenchError, match="unknown eps schedule 'two-hinge'; valid choices \\(closest first\\): two_hinge"):
         eps_at_epoch({"name": "two-hinge"}, T, 0, 10, [])
+
+
+# --- the three-loss study ---------------------------------------------------------------------
+
+def test_the_three_loss_study_is_the_demo_grid_with_mart():
+    demo, losses3 = plan(["study=demo"]), plan(["study=losses3"])
+    assert len(losses3.cells) == len(demo.cells) // 2 * 3
+    assert {c.id for c in demo.cells} < {c.id for c in losses3.cells}  # the shared cells are the same cells
+    assert {c.config["loss"]["kind"] for c in losses3.cells if c.loss == "mart"} == {"mart"}
+
+
+@pytest.mark.slow  # makes the demo weights, trains three tiny cells (one per loss) and measures them
+def test_three_losses_run_end_to_end_and_collect_side_by_side(roots):
+    # One backbone, one protocol (one epoch), a 2-step training attack, and 22 test images: 2 per
+    # corruption of the `common` condition.
+    overrides = ["study=losses3", "model=test_resnet.demo", "protocol=fft5", "loss.attack.steps=2",
+                 "dataset.test_size=22"]
+    assert main(["launch", *overrides, "--wait"]) == 0
+    study = plan(overrides)
+    rows = tables.load(study.name)
+    assert sorted(rows["cell_id"].unique()) == sorted(c.id for c in study.cells)
+    conditions = rows.groupby("loss")["condition"].apply(sorted).to_dict()
+    assert conditions == {loss: sorted(["clean", "linf", "l2", "l1", "common"]) for loss in ("classic_at", "trades", "mart")}
+    assert (rows["n_examples"] == 22).all() and rows["accuracy"].between(0, 1).all()

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.compute as pc
 import pytest
 
-from benchmark import results
+from benchmark import results, tables
 from benchmark.cell import AXES, ROWS_FILE
 from benchmark.collect import collect
 from benchmark.errors import RFTBenchError
@@ -20,15 +20,22 @@ from benchmark.reference import (
     AXIS_COLUMNS,
     CONDITIONS,
     DEFAULT_STUDY,
+    FLAG_COLUMNS,
+    FLAGS_FILE,
+    PUBLISHED_FLAWS,
     PUBLISHED_STUDY,
     import_command,
     import_reference,
     name_mapping,
+    published_flags,
 )
 from benchmark.study import load_option, options, plan
 from fixtures.make_sweep import rows
 
 SWEEP = Path(__file__).parent / "fixtures" / "sweep"
+# "At chance": clean accuracy within this of 1 / num_classes. A few points, because a model that
+# predicts one class scores that class' share: on Caltech-101 the largest (airplanes) is about 9%.
+NEAR_CHANCE = 0.1
 
 
 def our_names(axis: str) -> dict[str, str]:
@@ -96,8 +103,8 @@ def test_a_table_without_the_accuracy_columns_is_refused(reference_csv: Path, tm
 
 @pytest.mark.slow
 def test_import_gives_every_published_cell_and_measurement(imported: Path):
-    long = results.load(DEFAULT_STUDY, imported)
-    cells = results.load_cells(DEFAULT_STUDY, imported)
+    long = tables.load(DEFAULT_STUDY, imported)
+    cells = tables.load_cells(DEFAULT_STUDY, imported)
     assert len(long) == 7_200 and len(cells) == 1_440
     per_cell = cells.drop_duplicates(["cell_id"])
     assert set(per_cell.groupby("dataset").size()) == {240}
@@ -113,7 +120,7 @@ def test_import_gives_every_published_cell_and_measurement(imported: Path):
 
 @pytest.mark.slow
 def test_counts_use_the_configured_test_size_and_keep_the_published_accuracy(imported: Path):
-    long = results.load(DEFAULT_STUDY, imported)
+    long = tables.load(DEFAULT_STUDY, imported)
     sizes = {name: load_option("dataset", name)["test_size"] for name in long["dataset"].unique()}
     assert (long["n_examples"] == long["dataset"].map(sizes)).all() and sizes["uc_merced"] == 420
     assert (long["n_correct"] == (long["accuracy"] * long["n_examples"]).round()).all()
@@ -133,7 +140,7 @@ def test_querying_a_cell_returns_exactly_its_published_numbers(imported: Path, r
         assert dict(zip(frame["condition"], frame["accuracy"])) == {ours: float(row[theirs]) for theirs, ours in CONDITIONS.items()}
         wide = query(f"SELECT * FROM accuracy WHERE {where}", DEFAULT_STUDY, imported)
         assert len(wide) == 1 and [wide[ours][0] for ours in CONDITIONS.values()] == [float(row[c]) for c in CONDITIONS]
-    every = results.load(DEFAULT_STUDY, imported).set_index([*AXES, "condition"])["accuracy"]
+    every = tables.load(DEFAULT_STUDY, imported).set_index([*AXES, "condition"])["accuracy"]
     expected = {
         (*(mappings[axis][row[column]] for axis, column in AXIS_COLUMNS.items()), ours): float(row[theirs])
         for row in rows for theirs, ours in CONDITIONS.items()
@@ -143,13 +150,15 @@ def test_querying_a_cell_returns_exactly_its_published_numbers(imported: Path, r
 
 @pytest.mark.slow
 def test_importing_twice_gives_the_same_tables(imported: Path, reference_csv: Path, tmp_path: Path):
-    first = results.load(DEFAULT_STUDY, imported), results.load_cells(DEFAULT_STUDY, imported)
+    first = tables.load(DEFAULT_STUDY, imported), tables.load_cells(DEFAULT_STUDY, imported)
     assert collect(imported / DEFAULT_STUDY).read == 0  # collect keeps the import intact
+    flags_written = (imported / DEFAULT_STUDY / FLAGS_FILE).stat().st_mtime_ns
     code = import_command(Namespace(path=str(reference_csv), overrides=[f"paths.results={imported}"]))
     assert code == 0
     assert import_reference(reference_csv, DEFAULT_STUDY, imported).read == 0  # no file changed
-    pd.testing.assert_frame_equal(results.load(DEFAULT_STUDY, imported), first[0])
-    pd.testing.assert_frame_equal(results.load_cells(DEFAULT_STUDY, imported), first[1])
+    assert (imported / DEFAULT_STUDY / FLAGS_FILE).stat().st_mtime_ns == flags_written
+    pd.testing.assert_frame_equal(tables.load(DEFAULT_STUDY, imported), first[0])
+    pd.testing.assert_frame_equal(tables.load_cells(DEFAULT_STUDY, imported), first[1])
 
 
 @pytest.mark.slow
@@ -162,7 +171,7 @@ def test_import_refuses_a_study_holding_other_results(imported: Path, reference_
     try:
         with pytest.raises(RFTBenchError, match="already holds 1 cells of own runs: import into another study=NAME"):
             import_reference(reference_csv, DEFAULT_STUDY, imported)
-        measurements = results.load(DEFAULT_STUDY, imported)
+        measurements = tables.load(DEFAULT_STUDY, imported)
         mine = measurements[measurements["cell_id"] == own.id]
         assert set(mine["source"]) == {"run"}  # the own result was not overwritten
     finally:
@@ -176,3 +185,49 @@ def test_import_into_a_study_of_own_runs_is_refused(reference_csv: Path, tmp_pat
         import_reference(reference_csv, "golden", tmp_path)
     assert set(pc.unique(results.read_rows(tmp_path / "golden" / results.MEASUREMENTS_FILE)["source"]).to_pylist()) == {"run"}
     assert len(list((tmp_path / "golden" / "cells").iterdir())) == 12
+
+
+def test_every_published_flaw_names_an_option_and_flags_all_its_paper_cells():
+    cells = plan([f"study={PUBLISHED_STUDY}"]).cells
+    flags = published_flags(cells)
+    assert list(flags.columns) == list(FLAG_COLUMNS) and flags["flag"].str.contains("strict=False").all()
+    for flaw in PUBLISHED_FLAWS:
+        assert flaw.model in options("model") and flaw.protocol in options("protocol")
+        mine = flags[(flags["model"] == flaw.model) & (flags["protocol"] == flaw.protocol)]
+        expected = {tuple(c.axes.values()) for c in cells if (c.model, c.protocol) == (flaw.model, flaw.protocol)}
+        assert set(mine[list(AXES)].itertuples(index=False, name=None)) == expected and len(expected) == 12
+    assert len(flags) == 12 * len(PUBLISHED_FLAWS)  # 6 datasets x 2 losses each, no other cell
+
+
+@pytest.mark.slow
+def test_import_flags_exactly_the_lp50_cells_of_the_backbones_that_did_not_load(imported: Path):
+    flags = pd.read_csv(imported / DEFAULT_STUDY / FLAGS_FILE)
+    assert list(flags.columns) == list(FLAG_COLUMNS)
+    cells = tables.load_cells(DEFAULT_STUDY, imported)
+    flawed = {(flaw.model, flaw.protocol) for flaw in PUBLISHED_FLAWS}
+    expected = cells[[(m, p) in flawed for m, p in zip(cells["model"], cells["protocol"])]]
+    assert sorted(flags[list(AXES)].itertuples(index=False, name=None)) == \
+        sorted(expected[list(AXES)].itertuples(index=False, name=None))
+    assert len(flags) == 24 and set(flags["protocol"]) == {"lp50"}  # 2 backbones x 6 datasets x 2 losses
+
+
+@pytest.mark.slow
+def test_the_flagged_cells_published_clean_accuracy_is_at_chance(imported: Path):
+    long = tables.load(DEFAULT_STUDY, imported)
+    clean = long[long["condition"] == "clean"]
+    flags = pd.read_csv(imported / DEFAULT_STUDY / FLAGS_FILE)
+    flagged = flags.merge(clean, on=list(AXES), how="left")
+    flagged["chance"] = [1 / load_option("dataset", name)["num_classes"] for name in flagged["dataset"]]
+    assert len(flagged) == len(flags) and flagged["accuracy"].notna().all()
+    assert ((flagged["accuracy"] - flagged["chance"]).abs() <= NEAR_CHANCE).all()
+
+
+@pytest.mark.slow
+def test_no_other_backbone_is_at_chance_on_every_dataset_under_a_flagged_protocol(imported: Path):
+    long = tables.load(DEFAULT_STUDY, imported)
+    clean = long[long["condition"] == "clean"]
+    chance = clean["dataset"].map(lambda name: 1 / load_option("dataset", name)["num_classes"])
+    at_chance = clean.assign(at=(clean["accuracy"] - chance).abs() <= NEAR_CHANCE).groupby(["protocol", "model"])["at"].all()
+    for protocol in {flaw.protocol for flaw in PUBLISHED_FLAWS}:
+        models = set(at_chance[protocol].index[at_chance[protocol]])
+        assert models == {flaw.model for flaw in PUBLISHED_FLAWS if flaw.protocol == protocol}

@@ -1,11 +1,9 @@
-"""The row schema, checked reading of result files, and the pandas API (load, wide) without torch."""
+"""The row schema, checked reading of result files, and the pandas API (`tables`: load, wide)
+without torch."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,11 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from benchmark import results
+from benchmark import arguments, results, tables
 from benchmark.errors import RFTBenchError
-from benchmark.paths import PROJECT_DIR
+from conftest import COMPUTE_PACKAGES, modules_loaded
 
 SWEEP = Path(__file__).parent / "fixtures" / "sweep"
+NOT_IN_RESULTS = COMPUTE_PACKAGES | {"hydra"}
 
 
 def row(**values: object) -> dict:
@@ -91,73 +90,76 @@ def test_a_missing_file_is_refused_too(tmp_path: Path):
         results.read_rows(tmp_path / "absent.parquet")
 
 
-def test_condition_columns_describe_each_kind_of_condition():
-    assert results.condition_columns({"kind": "clean"}) == {"norm": None, "epsilon": None, "eps_grid": None, "attack": None}
-    linf = {"kind": "autoattack", "norm": "Linf", "eps": 4 / 255, "version": "standard", "seed": 0}
-    assert results.condition_columns(linf) == {"norm": "Linf", "epsilon": 4 / 255, "eps_grid": None, "attack": "autoattack-standard"}
-    common = {"kind": "corruptions", "severity": 3, "seed": 0, "corruptions": ["snow"]}
-    assert results.condition_columns(common)["attack"] == "corruptions-severity3"
-    expected = {**linf, "kind": "expected", "grid_step": 2 / 255, "version": "custom", "attacks": ["apgd-ce"], "n_iter": 9}
-    assert results.condition_columns(expected) == {
-        "norm": "Linf", "epsilon": 4 / 255, "eps_grid": [0.0, 2 / 255, 4 / 255],
-        "attack": "expected-autoattack-custom(apgd-ce,n_iter=9)"}
-
-
-def test_study_from_reads_study_and_results_root():
-    assert results.study_from([]) == ("demo", None)
-    assert results.study_from(["study=paper", "paths.results=/r"]) == ("paper", Path("/r"))
-    assert results.study_from([], default="paper-published") == ("paper-published", None)
-    with pytest.raises(RFTBenchError, match="unknown key 'studdy'.*study"):
-        results.study_from(["studdy=paper"])
+def test_commands_over_results_read_study_and_results_root():
+    assert arguments.study_and_root([]) == ("demo", None)
+    assert arguments.study_and_root(["study=paper", "paths.results=/r"]) == ("paper", Path("/r"))
+    assert arguments.study_and_root([], default="paper-published") == ("paper-published", None)
+    with pytest.raises(RFTBenchError, match="unknown argument 'studdy'.*study"):
+        arguments.study_and_root(["studdy=paper"])
     with pytest.raises(RFTBenchError, match="expected key=value"):
-        results.study_from(["paper"])
+        arguments.study_and_root(["paper"])
 
 
 def test_load_of_an_unknown_study_lists_the_studies(roots: dict[str, Path]):
     (roots["results"] / "demo").mkdir()
     with pytest.raises(RFTBenchError, match="unknown study 'dmeo'.*demo"):
-        results.load("dmeo")
+        tables.load("dmeo")
     (roots["results"] / "empty").mkdir()
     with pytest.raises(RFTBenchError, match="no results"):
-        results.load("empty")
+        tables.load("empty")
 
 
 def test_load_collects_a_never_collected_study_and_wide_has_one_column_per_condition(roots: dict[str, Path]):
     shutil.copytree(SWEEP / "golden", roots["results"] / "golden")
-    long = results.load("golden")  # the results root comes from RFTBENCH_RESULTS
+    long = tables.load("golden")  # the results root comes from RFTBENCH_RESULTS
     assert (roots["results"] / "golden" / results.MEASUREMENTS_FILE).exists()
     expected = json.loads((SWEEP / "expected_measurements.json").read_text())
     assert len(long) == len(expected) and list(long.columns) == list(results.COLUMNS)
-    table = results.wide(long)
+    table = tables.wide(long)
     assert list(table.columns) == ["dataset", "model", "loss", "protocol", "cell_id", "clean", "linf", "l2", "l1", "common"]
     assert len(table) == long["cell_id"].nunique() == 3
     for record in expected:
         cell = table.set_index("cell_id").loc[record["cell_id"]]
         assert cell[record["condition"]] == record["accuracy"]
         assert cell["model"] == record["model"]
-    cells = results.load_cells("golden")
+    cells = tables.load_cells("golden")
     assert len(cells) == 12 and cells["truncated"].sum() == 1
 
 
 def test_load_works_on_a_study_copied_elsewhere_with_only_its_tables(roots: dict[str, Path], tmp_path: Path):
     shutil.copytree(SWEEP / "golden", roots["results"] / "golden")
-    results.load("golden")
+    tables.load("golden")
     laptop = tmp_path / "laptop"
     (laptop / "golden").mkdir(parents=True)
     for name in (results.MEASUREMENTS_FILE, results.CELLS_FILE):
         shutil.copy(roots["results"] / "golden" / name, laptop / "golden" / name)
-    pd.testing.assert_frame_equal(results.load("golden", results_root=laptop), results.load("golden"))
+    pd.testing.assert_frame_equal(tables.load("golden", results_root=laptop), tables.load("golden"))
 
 
 def test_load_and_wide_import_neither_torch_nor_hydra(roots: dict[str, Path]):
     shutil.copytree(SWEEP / "golden", roots["results"] / "golden")
-    script = (
-        "import sys\n"
-        "from benchmark import results\n"
-        "table = results.wide(results.load('golden'))\n"
-        "assert len(table) == 3, table\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'timm', 'hydra', 'pyautoattack'))\n"
-        "assert not heavy, heavy\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_DIR)}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=roots["results"])
+    script = "from benchmark import tables\nassert len(tables.wide(tables.load('golden'))) == 3\n"
+    assert not modules_loaded(script, cwd=roots["results"]) & NOT_IN_RESULTS
+
+
+def test_the_result_modules_import_neither_torch_nor_hydra():
+    """Results -> Compute must never exist: the condition kinds, row schema, study tables and
+    collect are what planning, collect and analysis import."""
+    script = "import benchmark.conditions, benchmark.results, benchmark.tables, benchmark.collect"
+    assert not modules_loaded(script) & NOT_IN_RESULTS
+
+
+def test_rows_written_by_an_older_schema_version_stay_readable(tmp_path: Path):
+    """Version 2 added `precision` and `world_size`: a version-1 file reads with them null."""
+    table = results.rows_table([row(study="s", cell_id="c", condition="clean", n_examples=2, n_correct=1,
+                                    accuracy=0.5, precision="fp32", world_size=1)])
+    older = table.drop_columns(list(results.ADDED_COLUMNS[2])).set_column(
+        0, "schema_version", pa.array([1], pa.int32()))
+    pq.write_table(older, tmp_path / "v1.parquet")
+    read = results.read_rows(tmp_path / "v1.parquet").to_pylist()[0]
+    assert read["precision"] is None and read["world_size"] is None and read["schema_version"] == 1
+    assert read["accuracy"] == 0.5
+    newer = table.set_column(0, "schema_version", pa.array([results.SCHEMA_VERSION + 1], pa.int32()))
+    pq.write_table(newer, tmp_path / "v3.parquet")
+    with pytest.raises(results.CorruptResultError, match="or older"):
+        results.read_rows(tmp_path / "v3.parquet")

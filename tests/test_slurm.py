@@ -10,6 +10,7 @@ epoch and writes its five result rows: what is tested is the dispatch, not the n
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -28,7 +29,10 @@ from benchmark import results
 from benchmark.cli import main
 from benchmark.paths import PROJECT_DIR
 from benchmark.study import plan
-from launchers.slurm import cluster_config, job_states
+import launchers.slurm
+from launchers import launcher_for
+from launchers.local import HOST
+from launchers.slurm import cluster_config, sacct
 from slurm_cluster import require_slurm
 
 pytestmark = pytest.mark.slurm
@@ -115,6 +119,7 @@ def test_launch_returns_at_once_skips_live_and_done_cells_and_completes(results_
     submitted = _states(overrides)
     assert {r["state"] for r in submitted.values()} <= {"submitted", "running"}  # returned before the cells ran
     (array,) = {r["job_id"].split("_")[0] for r in submitted.values()}  # one array of two tasks
+    assert {(r["launcher"], r["launcher_kind"]) for r in submitted.values()} == {("slurm", "slurm")}
     assert sorted(r["job_id"] for r in submitted.values()) == [f"{array}_0", f"{array}_1"]
 
     assert main(["launch", *overrides]) == 0  # while they are queued or running
@@ -133,7 +138,7 @@ def test_launch_returns_at_once_skips_live_and_done_cells_and_completes(results_
     job_of = {r["cell_id"]: r["job_id"] for r in report["cells"]}
     assert (table.slurm_job_id == table.cell_id.map(job_of)).all()
     _wait_until("sacct records both jobs COMPLETED",
-                lambda: {j["State"] for j in job_states(job_of.values()).values()} == {"COMPLETED"}, 30)
+                lambda: {j["State"] for j in sacct(job_of.values()).values()} == {"COMPLETED"}, 30)
     assert main(["launch", *overrides]) == 0
     assert "nothing to launch" in capsys.readouterr().out
 
@@ -195,7 +200,7 @@ def test_a_cell_stopped_by_its_time_limit_is_requeued_and_resumes_from_its_check
     cancelled = _status(capsys, overrides)["cells"][0]
     assert cancelled["state"] == "failed" and cancelled["reason"] == "cancelled by user"
     _wait_until("sacct records the job CANCELLED",
-                lambda: job_states([state["job_id"]])[state["job_id"]]["State"].startswith("CANCELLED"), 30)
+                lambda: sacct([state["job_id"]])[state["job_id"]]["State"].startswith("CANCELLED"), 30)
 
 
 def test_a_cell_raising_an_exception_is_failed_in_sacct_and_status_with_its_traceback(results_root, capsys):
@@ -208,11 +213,58 @@ def test_a_cell_raising_an_exception_is_failed_in_sacct_and_status_with_its_trac
     assert entry["state"] == "failed" and entry["traceback"].startswith("Traceback (most recent call last)")
     assert entry["reason"].split(":")[0] in entry["traceback"].splitlines()[-1]
     _wait_until("sacct records the job FAILED",
-                lambda: job_states([entry["job_id"]])[entry["job_id"]]["State"] == "FAILED", 30)
+                lambda: sacct([entry["job_id"]])[entry["job_id"]]["State"] == "FAILED", 30)
     capsys.readouterr()
     assert main(["status", *overrides]) == 0
     text = capsys.readouterr().out
     assert f"reason: {entry['reason']}" in text and "Exited with exit code 1" in text  # the job log's tail
+
+
+def test_resume_goes_back_to_slurm_by_itself_and_local_cells_are_never_asked_of_sacct(results_root, capsys,
+                                                                                      monkeypatch):
+    diverging = [*CHEAP, "loss=classic_at", "protocol.optimizer.lr_head=1e38", "protocol.optimizer.lr_backbone=1e38"]
+    on_slurm, both = [*diverging, "protocol=fft5"], [*diverging, "protocol=fft5,lp50"]
+    assert main(["launch", *on_slurm, *SLURM, "--wait"]) == 1  # it fails: its loss diverges
+    (slurm_cell,) = plan(on_slurm).cells
+    first = cells.read_state(slurm_cell.directory(plan(on_slurm).dir))
+    assert first["state"] == "failed" and first["launcher_kind"] == "slurm"
+
+    capsys.readouterr()
+    assert main(["resume", *on_slurm]) == 0  # no launcher on the command line: the cell's own
+    assert "1 cells submitted in 1 job arrays" in capsys.readouterr().out
+    again = cells.read_state(slurm_cell.directory(plan(on_slurm).dir))
+    assert again["job_id"] != first["job_id"]
+    assert (again["launcher"], again["launcher_config"]) == (first["launcher"], first["launcher_config"])
+
+    # While the SLURM cell is queued or running, a local worker is at the other cell: this process.
+    study = plan(both)
+    (local_cell,) = [c for c in study.cells if c.id != slurm_cell.id]
+    local_dir = local_cell.directory(study.dir)
+    cells.write_config(local_cell, local_dir, study.name)
+    cells.write_state(local_dir, "running", launcher="local", launcher_kind="local", host=HOST, pid=os.getpid())
+    (local_dir / cells.HEARTBEAT_FILE).touch()
+    asked: list[str] = []
+    real_sacct = launchers.slurm.sacct
+    monkeypatch.setattr(launchers.slurm, "sacct", lambda ids: real_sacct(asked.extend(ids) or ids))
+    states = {e["cell_id"]: e["state"] for e in _status(capsys, both)["cells"]}
+    assert states[local_cell.id] == "running" and states[slurm_cell.id] in ("queued", "running", "failed")
+    assert asked == [again["job_id"]]  # one sacct call, about the SLURM cell's job only
+    _wait_until("the resumed cell fails again", lambda: cells.read_state(slurm_cell.directory(study.dir))["state"]
+                == "failed", 120)
+
+
+def test_workers_that_are_not_cells_run_as_one_job_array(results_root):
+    study = plan([*CHEAP, *SLURM])
+    slurm = launcher_for(study.config["launcher"])
+    markers = [results_root / f"worker{i}" for i in range(2)]
+    records = [slurm.submit_workers(study, functools.partial(Path.write_text, marker, "done"), 1, f"probe{i}")[0]
+               for i, marker in enumerate(markers)]
+    assert all(r["launcher_kind"] == "slurm" and r["job_id"] for r in records)
+    by_name = {f"probe{i}": record for i, record in enumerate(records)}
+    _wait_until("both workers ended", lambda: {s.state for s in slurm.job_states(by_name).values()} == {"ended"}
+                and len(slurm.job_states(by_name)) == 2, 120)
+    assert all(marker.read_text() == "done" for marker in markers)
+    assert all("COMPLETED" in state.reason for state in slurm.job_states(by_name).values())
 
 
 def test_an_unknown_partition_shows_sbatch_message_and_records_nothing(results_root, capsys):

@@ -29,17 +29,26 @@ def test_paper_study_has_1440_valid_cells():
 
 
 def test_every_paper_cell_composes_like_hydra_would():
-    """The fast product equals Hydra's own composition of the same choices (sampled cells)."""
+    """The fast product equals Hydra's own composition of the same choices, with the study's own
+    layers (`set`, `set_per_option`, the per-cell batching rule and table) merged over it
+    (sampled cells)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from benchmark.paths import CONF_DIR
+    from benchmark.study import merged
 
     study = plan(["study=paper"])
+    settings = load_option("study", "paper")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         for c in study.cells[::97]:
             cfg = compose("config", overrides=["study=paper", *(f"{a}={n}" for a, n in c.axes.items())])
             composed = OmegaConf.to_container(cfg, resolve=True)
+            for axis in AXES:
+                composed[axis] = merged(composed[axis], settings["set"].get(axis, {}))
+            for _, patch in study.layers.point_layers(composed):
+                composed["protocol"] = merged(composed["protocol"], patch)
+            composed["seed"] = settings["set"]["seed"]
             assert {k: composed[k] for k in c.config} == c.config
 
 
@@ -55,10 +64,10 @@ def test_cell_id_depends_on_content_not_key_order():
 
 
 def test_axis_overrides_choose_options_and_patch_configs():
-    study = plan(["study=paper", "dataset=caltech101,flowers102", "model=glob(vit_small*)", "loss.trades_beta=6"])
+    study = plan(["study=paper", "dataset=caltech101,flowers102", "model=glob(vit_small*)", "loss.attack.steps=6"])
     assert {c.dataset for c in study.cells} == {"caltech101", "flowers102"}
     assert {c.model for c in study.cells} == {m for m in options("model") if m.startswith("vit_small")}
-    assert {c.config["loss"]["trades_beta"] for c in study.cells} == {6}
+    assert {c.config["loss"]["attack"]["steps"] for c in study.cells} == {6}
     default = plan(["study=paper", "dataset=caltech101,flowers102", "model=glob(vit_small*)"])
     assert not {c.id for c in study.cells} & {c.id for c in default.cells}
 
@@ -80,7 +89,7 @@ def test_study_patches_apply_per_option():
         ("protocol=fft55", "fft55", "fft5"),
         ("study=papr", "papr", "paper"),
         ("launcher=slurmm", "slurmm", "local"),
-        ("loss.trades_betta=3", "trades_betta", "trades_beta"),
+        ("loss.attack.stepz=3", "stepz", "steps"),
     ],
 )
 def test_bad_names_are_refused_with_the_closest_choice_first(override, named, suggested):
@@ -135,22 +144,25 @@ def test_bad_seeds_are_refused_with_the_value(override, shown):
 def test_every_cell_id_is_the_hash_of_its_whole_config():
     """plan() assembles ids from each option's JSON: the bytes must be json.dumps' of the whole
     config, whatever the options, patches and seeds."""
-    study = plan(["study=paper", *(f"{axis}=glob(*)" for axis in AXES), "loss.trades_beta=6",
-                  "protocol.optimizer.lr_head=0.5", "+model.note='é \\ \"q\"'", "eval.linf.eps=0.03", "seed=0,7"])
+    study = plan(["study=paper", *(f"{axis}=glob(*)" for axis in AXES), "loss.attack.steps=6",
+                  "protocol.optimizer.lr_head=0.5", "model.study_name='é \\ \"q\"'", "eval.linf.eps=0.03", "seed=0,7"])
     assert len(study.cells) > 7000
     assert all(c.id == cell_id(c.config) for c in study.cells)
-    assert {c.config["model"]["note"] for c in study.cells} == {'é \\ "q"'}  # escaped in the JSON
+    assert {c.config["model"]["study_name"] for c in study.cells} == {'é \\ "q"'}  # escaped in the JSON
 
 
-@pytest.mark.parametrize("group", ["dataset", "model", "loss", "protocol", "eval", "study", "launcher"])
-def test_options_load_as_omegaconf_loads_them(group):
+@pytest.mark.parametrize("group", ["dataset", "model", "loss", "protocol", "eval", "study", "launcher", "tune"])
+def test_config_files_read_as_omegaconf_loads_them(group):
+    """The planner's fast reader gives OmegaConf's values for every file, bases included (how
+    bases merge is checked against Hydra in test_schema)."""
     from omegaconf import OmegaConf
 
     from benchmark.paths import CONF_DIR
+    from benchmark.study import read_yaml
 
-    for name in options(group):
-        expected = OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / f"{name}.yaml"), resolve=True)
-        assert json.dumps(load_option(group, name)) == json.dumps(expected), name  # 1 and 1.0 differ here
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        expected = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        assert json.dumps(read_yaml(path)) == json.dumps(expected), path.name  # 1 and 1.0 differ here
 
 
 def test_cli_plan_json_and_bad_input_exit_code(roots, capsys):

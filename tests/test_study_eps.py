@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from benchmark.losses import eps_at_epoch
+from benchmark.loss_kinds import eps_at_epoch
 from benchmark.study import plan
 
 SCHEDULE = {"classic_at": "constant", "classic_at_two_hinge": "two_hinge",

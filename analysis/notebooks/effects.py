@@ -11,7 +11,7 @@
 # ---
 
 # %% [markdown]
-# # Effects: what drives the Borda score, and when TRADES beats Classic AT
+# # Effects: what drives the Borda score, and which loss beats which
 #
 # The same functions as `rftbench figures`. Set `study` (and `results_root`) below.
 
@@ -47,12 +47,12 @@ crossed = stats.interactions({protocol: tables[protocol]})
 figures.effect_bars(crossed, f"{protocol}: interactions (Tukey HSD letters)")
 
 # %% [markdown]
-# ## TRADES vs Classic AT per size class and protocol
-# Backbones where TRADES has the higher `score_sum`; Fisher's exact test on the 2x2 table
-# (this size class vs the protocol's other classes) x (TRADES wins, Classic AT wins).
+# ## The study's losses compared, pair by pair, per size class and protocol
+# For each pair of losses (A, B): backbones where A has the higher `score_sum`; Fisher's exact
+# test on the 2x2 table (this size class vs the protocol's other classes) x (A wins, B wins).
 
 # %%
-odds = stats.odds_trades(tables)
+odds = stats.odds(tables)
 odds
 
 # %%

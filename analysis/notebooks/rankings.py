@@ -23,17 +23,22 @@ results_root = None
 
 # %%
 # %matplotlib inline
+from pathlib import Path
+
 from analysis import data, figures, rankings
+from benchmark.paths import study_dir
 
 cells = data.load(study, results_root)
-tables = rankings.rankings(cells)
+flags = data.load_flags(study_dir(study, Path(results_root) if results_root else None))
+tables = rankings.rankings(cells, data.flagged_cells(cells, flags))
 {protocol: len(table) for protocol, table in tables.items()}
 
 # %% [markdown]
 # ## The ranking of each protocol (the study's appendix tables)
 # Borda = the sum over datasets x conditions of a configuration's rank among the protocol's
 # configurations (higher accuracy, higher rank). `degenerate`: clean accuracy below
-# `rankings.DEGENERATE_FACTOR` x chance on `n_degenerate` datasets.
+# `rankings.DEGENERATE_FACTOR` x chance on `n_degenerate` datasets; `flagged`: a cell of the
+# configuration is flagged in the study's `flags.csv` (e.g. published numbers known to be wrong).
 
 # %%
 protocol = next(iter(tables))
