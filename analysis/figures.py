@@ -17,6 +17,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from analysis.data import Skip, label, levels, ordered, preferred
 
@@ -218,6 +219,37 @@ def proxy_scatter(pairs: dict[str, pd.DataFrame], proxy: pd.DataFrame) -> Figure
                   + [_handle("o", colour="none", edge=DEGENERATE_COLOUR, label="degenerate under either")],
                   fontsize=8, frameon=False)
         ax.grid(alpha=0.3)
+    return fig
+
+
+CURVE_METRICS = {"val_accuracy": "clean validation accuracy",
+                 "val_robust_accuracy": "robust validation accuracy (training attack)"}
+
+
+def learning_curves(curves: pd.DataFrame, protocol: str) -> Figure:
+    """One protocol's learning curves, a panel per metric of CURVE_METRICS the table has values
+    for: per loss, the median over its cells at each epoch (line) and the interquartile range
+    (band). `curves`: columns protocol, loss, metric, epoch, median, q25, q75, cells."""
+    rows = curves[(curves["protocol"] == protocol) & curves["median"].notna()]
+    metrics = [m for m in CURVE_METRICS if m in set(rows["metric"])]
+    if not metrics:
+        raise Skip(f"{protocol}: no learning curve has values")
+    fig = Figure(figsize=(5.5 * len(metrics), 4), layout="constrained")
+    colours = _palette(levels(rows, "loss"))
+    for k, metric in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), k + 1)
+        for loss, colour in colours.items():
+            line = rows[(rows["metric"] == metric) & (rows["loss"] == loss)].sort_values("epoch")
+            n = int(line["cells"].max()) if len(line) else 0
+            ax.plot(line["epoch"], line["median"], color=colour, label=f"{label('loss', loss)} ({n} cells)")
+            ax.fill_between(line["epoch"], line["q25"], line["q75"], color=colour, alpha=0.2, linewidth=0)
+        ax.set_title(f"{label('protocol', protocol)}: {CURVE_METRICS[metric]}", fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("median over cells (band: interquartile range)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False)
     return fig
 
 

@@ -1,17 +1,27 @@
 """The cell: one fully resolved config of the grid, its stable id, its directory and its state.
 
-A cell's id is a hash of its canonical resolved config, so the same config has the same id on
-any machine, and relaunching a study finds the cells that are already done. A grid's ids are
+A cell's id is a hash of its canonical resolved training config (everything but `eval`, the
+conditions it is measured under), so the same config has the same id on any machine, relaunching
+a study finds the cells that are already done, and measuring a done cell under a new condition
+adds a row to it (`rftbench evaluate`, from its kept weights) instead of making a new cell. Rows
+are keyed by (cell id, condition); config.yaml's `eval` holds the config of every condition the
+cell's rows measure, and a condition name is never measured twice with different configs. A grid's ids are
 assembled from each option's canonical JSON, serialised once (`grid`): planning 100,000 cells
 must not serialise 100,000 whole configs.
 
 Cell directory `<results>/<study>/cells/<cell_id>/`:
-  config.yaml    the resolved cell config (written when the cell is first launched)
+  config.yaml    the resolved cell config (written when the cell is first launched; `eval` gains
+                 the conditions `rftbench evaluate` adds)
   state.json     what the worker last said: submitted / running (+ heartbeat) / failed (+ reason)
   train.log      the worker's log
-  heartbeat      touched every 30 s while a worker runs (its mtime tells a live worker from a dead one)
-  ckpt/last.pt   the last completed epoch (training resumes from it)
+  heartbeat      touched every 30 s while a worker runs (its mtime tells a live worker from a dead one);
+                 it holds the worker's progress (`write_progress`), shown by `status --watch`
+  ckpt/last.pt   the last completed epoch: weights, optimizer state and the history, tensors and
+                 plain types only (loaded with weights_only=True); training resumes from it
   aa_state/      AutoAttack evaluation state (an interrupted evaluation resumes from it)
+  history.parquet   the learning curve, one row per completed epoch, rewritten whole each epoch
+  weights.safetensors  the final weights, kept once the cell is done (runtime.retention: with
+                 `final`, the default, ckpt/ and aa_state/ are then removed; `none` keeps no weights)
   examples.parquet  per-example results (correct, score) for every condition
   rows.parquet   the result rows, written last and atomically: the cell is done when it exists
 """
@@ -54,9 +64,13 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+# Keys of a cell config that do not enter its id: the measurements are not the trained model.
+NOT_IDENTITY = frozenset({"eval"})
+
+
 def cell_id(config: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of `config`, shortened."""
-    return _digest(canonical_json(config))
+    """sha256 of the canonical JSON of `config` without NOT_IDENTITY keys, shortened."""
+    return _digest(canonical_json({key: value for key, value in config.items() if key not in NOT_IDENTITY}))
 
 
 def _digest(canonical: str) -> str:
@@ -71,10 +85,10 @@ def grid(choices: dict[str, list[Any]],
     should return the same objects for the same combination, so their JSON is made once.
 
     Each value is serialised once; a config's canonical JSON is then joined from its values'
-    pieces in sorted key order, the very bytes `canonical_json` gives the whole config (an id
-    costs a join and a hash, not a serialisation). The configs share their values' objects.
+    pieces in sorted key order, the very bytes `canonical_json` gives the config's identity keys
+    (an id costs a join and a hash, not a serialisation). The configs share their values' objects.
     """
-    keys = sorted(choices)
+    keys = sorted(key for key in choices if key not in NOT_IDENTITY)
     pieces: dict[tuple[str, int], tuple[Any, str]] = {}  # the value is kept so its id stays its own
 
     def piece(key: str, value: Any) -> str:
@@ -172,3 +186,17 @@ def write_state(cell_dir: Path, state: str, **details: Any) -> None:
     attempt = previous.get("attempt", 0) + (1 if state == "running" else 0)
     record = {"state": state, "attempt": attempt, "time": time.time(), **details}
     write_json_atomic(cell_dir / STATE_FILE, record)
+
+
+def write_progress(cell_dir: Path, **progress: Any) -> None:
+    """Say where the worker is (e.g. phase=training, epochs_done, epochs; phase=evaluating,
+    condition, conditions_done, conditions) in the heartbeat file; writing it is a beat too."""
+    write_json_atomic(cell_dir / HEARTBEAT_FILE, progress)
+
+
+def read_progress(cell_dir: Path) -> dict[str, Any]:
+    """What `write_progress` last wrote; {} when nothing was (or the file is gone)."""
+    try:
+        return json.loads((cell_dir / HEARTBEAT_FILE).read_text() or "{}")
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}

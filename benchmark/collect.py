@@ -2,7 +2,8 @@
 whose command is in `benchmark.tables`).
 
 `<study>/measurements.parquet` (one row per cell x condition) and `<study>/cells.parquet` (one
-row per cell directory) are rebuilt from `<study>/cells/*/`. A cell has one row file, replaced
+row per cell directory) are rebuilt from `<study>/cells/*/`, and `<study>/history.parquet` (one
+row per cell x epoch) from the cells' learning curves (benchmark.history). A cell has one row file, replaced
 whole by each attempt, so its latest attempt wins and no measurement can appear twice. A manifest
 keeps each cell's file signatures (inode, mtime_ns, size) at the last collect: only cells whose
 files changed are read again, and a collect that finds no change writes nothing.
@@ -31,8 +32,17 @@ import pyarrow.compute as pc
 import yaml
 
 from benchmark.atomic import write_json_atomic
-from benchmark.cell import AXES, CELLS_DIR, CONFIG_FILE, ROWS_FILE, STATE_FILE, read_config, read_state
+from benchmark.cell import (
+    AXES,
+    CELLS_DIR,
+    CONFIG_FILE,
+    ROWS_FILE,
+    STATE_FILE,
+    read_config,
+    read_state,
+)
 from benchmark.errors import RFTBenchError
+from benchmark.history import collect_history
 from benchmark.results import (
     CELL_SCHEMA,
     CELLS_FILE,
@@ -107,6 +117,7 @@ def collect(study_dir: Path) -> Collected:
         changed = [cell for cell, signature in signatures.items() if tables.signatures.get(cell) != signature]
         if changed or tables.signatures.keys() != signatures.keys():
             tables = _updated(study_dir, tables, signatures, changed)
+        collect_history(study_dir)
     return _report(study_dir, tables.measurements, tables.cells, read=len(changed))
 
 

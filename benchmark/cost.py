@@ -234,6 +234,18 @@ def estimate(study: Study, states: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def cell_seconds(study: Study) -> tuple[dict[str, float], str]:
+    """Each estimable cell's seconds by id under `estimate`'s model (measured rates, else the
+    prior), and what they rest on in a few words: `status --watch` reads the calibration once
+    and then only cell files."""
+    calibration = calibrate(study.dir.parent, study.name)
+    if not calibration.cells:
+        tflops = float(study.config["runtime"]["gpu_tflops"])
+        return prior_seconds(study.cells, tflops)[0], f"GPU-hours, prior at {tflops:g} TFLOP/s sustained"
+    unit = _unit(Counter(m.device for m in calibration.cells))
+    return _seconds(study, fit(calibration.cells))[0], f"{unit}, calibrated on {len(calibration.cells)} measured cells"
+
+
 def _prior_estimate(study: Study, left: list[Any], out: dict[str, Any]) -> dict[str, Any]:
     """The estimate without calibration cells: the prior (module docstring) at runtime.gpu_tflops."""
     tflops = float(study.config["runtime"]["gpu_tflops"])

@@ -106,7 +106,8 @@ Measure = Callable[[Context, dict[str, Any]], Tensor]
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, eval_cfg: dict[str, dict[str, Any]], work_dir: Path, *,
              batch_size: int = 250, native: NativeImages | None = None,
-             group: distributed.Group = distributed.SINGLE) -> list[Measurement]:
+             group: distributed.Group = distributed.SINGLE,
+             on_condition: Callable[[str, int, int], None] | None = None) -> list[Measurement]:
     """Measure every condition of `eval_cfg` (condition name -> config), in its order, with the
     model in eval mode (its flags are restored afterwards). `x`, `y` are the whole test split on
     the CPU; batches move to the model's device. `native`: the same split at its native
@@ -116,14 +117,17 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, eval_cfg: dict[str, dict[st
     Each condition is measured batch by batch (`batch_size` test examples, each batch's random
     draws seeded by its index), so the ranks of `group` share the batches (rank r takes batches
     r, r + N, ...) and every rank gets the per-example results of all, in test order: the same
-    whatever the number of ranks."""
+    whatever the number of ranks. `on_condition(name, conditions done, conditions)` is called as
+    each condition begins (the worker's progress)."""
     check_conditions(eval_cfg)
     device = next(model.parameters()).device
     if native is not None:  # loaded once, by the first batch that needs it
         native = replace(native, images=functools.cache(native.images))
     measurements = []
     with eval_mode(model):
-        for condition, cfg in eval_cfg.items():
+        for done, (condition, cfg) in enumerate(eval_cfg.items()):
+            if on_condition:
+                on_condition(condition, done, len(eval_cfg))
             start = time.perf_counter()
             kind = CONDITIONS[cfg["kind"]]
             batches = [(k, first) for k, first in enumerate(range(0, len(y), batch_size))]

@@ -1,8 +1,9 @@
 """`rftbench query`: read-only SQL (DuckDB) over a study's collected tables.
 
-The query sees three tables: `measurements` (the long table, one row per cell x condition),
-`cells` (one row per cell) and `accuracy` (wide: one row per cell, one accuracy column per
-condition, the shape of the study's published table). They are in-memory views of the Parquet
+The query sees four tables: `measurements` (the long table, one row per cell x condition),
+`cells` (one row per cell), `accuracy` (wide: one row per cell, one accuracy column per
+condition, the shape of the study's published table) and `history` (the learning curves, one row
+per cell x epoch: benchmark.history). They are in-memory views of the Parquet
 files, and DuckDB's file access is switched off (and locked) before the query runs, so a query
 can neither change the study nor read or write any other file.
 """
@@ -21,11 +22,23 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from benchmark.cell import AXES
-from benchmark.collect import ensure_collected, print_warnings, truncated_cells, truncation_warning
-from benchmark.errors import RFTBenchError
-from benchmark.results import CELL_SCHEMA, CELLS_FILE, MEASUREMENTS_FILE, read_rows, read_table
 from benchmark.arguments import study_and_root
+from benchmark.cell import AXES
+from benchmark.collect import (
+    ensure_collected,
+    print_warnings,
+    truncated_cells,
+    truncation_warning,
+)
+from benchmark.errors import RFTBenchError
+from benchmark.history import HISTORY_FILE, read_history
+from benchmark.results import (
+    CELL_SCHEMA,
+    CELLS_FILE,
+    MEASUREMENTS_FILE,
+    read_rows,
+    read_table,
+)
 from benchmark.tables import existing_study_dir, wide
 
 FORMATS = ("table", "csv", "json", "markdown")
@@ -38,13 +51,14 @@ def query(sql: str, study: str = "demo", results_root: Path | None = None) -> pd
     return run(sql, *_tables(directory)).to_pandas()
 
 
-def run(sql: str, measurements: pa.Table, cells: pa.Table) -> pa.Table:
-    """`sql` over the tables `measurements`, `cells` and `accuracy`; a SQL error is an
+def run(sql: str, measurements: pa.Table, cells: pa.Table, history: pa.Table) -> pa.Table:
+    """`sql` over the tables `measurements`, `cells`, `accuracy` and `history`; a SQL error is an
     RFTBenchError carrying DuckDB's message. Whatever the SQL creates is rolled back."""
     connection = _database().cursor()
     try:
         connection.register("measurements", measurements)
         connection.register("cells", cells)
+        connection.register("history", history)
         connection.register("accuracy", wide(measurements.select([*AXES, "cell_id", "condition", "accuracy"]).to_pandas()))
         connection.begin()
         return connection.sql(sql).to_arrow_table()
@@ -85,16 +99,17 @@ def query_command(args: argparse.Namespace) -> int:
         print(f"collected study {directory.name} first: {collected.cells} cells, {collected.measurements} measurements",
               file=sys.stderr)
         print_warnings(collected)
-    measurements, cells = _tables(directory)
-    sys.stdout.write(render(run(args.sql, measurements, cells), args.format))
+    measurements, cells, history = _tables(directory)
+    sys.stdout.write(render(run(args.sql, measurements, cells, history), args.format))
     truncated = truncated_cells(cells)
     if truncated and not collected:  # a collect has just said it
         print(truncation_warning(truncated), file=sys.stderr)
     return 0
 
 
-def _tables(directory: Path) -> tuple[pa.Table, pa.Table]:
-    return read_rows(directory / MEASUREMENTS_FILE), read_table(directory / CELLS_FILE, CELL_SCHEMA)
+def _tables(directory: Path) -> tuple[pa.Table, pa.Table, pa.Table]:
+    return (read_rows(directory / MEASUREMENTS_FILE), read_table(directory / CELLS_FILE, CELL_SCHEMA),
+            read_history(directory / HISTORY_FILE))
 
 
 def _json_value(value: Any) -> Any:

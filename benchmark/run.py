@@ -9,19 +9,30 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import torch
 
 from benchmark import cell as cells
-from benchmark import data, distributed, evaluate, models, results, train
+from benchmark import (
+    data,
+    distributed,
+    evaluate,
+    history,
+    models,
+    results,
+    retention,
+    train,
+)
 from benchmark.provenance import JobRecord, provenance
+from benchmark.validation import robust_validation, validation_subset
 
 log = logging.getLogger("benchmark")
 
@@ -36,12 +47,15 @@ class Runtime:
     num_workers: int | str = 0  # DataLoader workers, or "auto" (see `loader_workers`)
     eval_batch_size: int = 250
     collective_timeout_s: float = 1800.0  # ranks of one cell: a collective waiting longer fails the cell
+    retention: str = "final"  # what a done cell keeps (benchmark.retention)
+    history_validation_size: int = 512  # images of the per-epoch robust validation (benchmark.history); 0: none
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Runtime:
         paths, runtime = config["paths"], config["runtime"]
         return cls(Path(paths["data"]).resolve(), Path(paths["weights"]).resolve(), runtime["device"],
-                   runtime["num_workers"], runtime["eval_batch_size"], runtime["collective_timeout_s"])
+                   runtime["num_workers"], runtime["eval_batch_size"], runtime["collective_timeout_s"],
+                   runtime["retention"], runtime["history_validation_size"])
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -136,15 +150,17 @@ def _train_and_evaluate(cell_dir: Path, document: dict, runtime: Runtime, starte
     model = models.create_model(config["model"], splits.num_classes, runtime.weights_root)
     trainer = train.Trainer(model, splits, config["loss"], config["protocol"], ckpt_path=cell_dir / "ckpt" / "last.pt",
                             device=device, seed=config["seed"],
-                            num_workers=loader_workers(runtime.num_workers, device), group=group)
+                            num_workers=loader_workers(runtime.num_workers, device), group=group,
+                            **_history_hooks(cell_dir, document, model, splits, device, runtime, group))
+    if group.writer:
+        cells.write_progress(cell_dir, phase="training", epochs=config["protocol"]["epochs"])
     trained = trainer.fit()
     x_test, y_test = data.load_tensors(splits.test)
-    # The test split at its native resolution, read only by a condition that needs it.
-    native = evaluate.NativeImages(images=lambda: data.load_test_native(config["dataset"], runtime.data_root),
-                                   to_input=lambda images: data.test_input(images, config["dataset"]))
+    native = native_images(config["dataset"], runtime)
     group.broadcast_state(model)  # every rank evaluates the checkpointed model (rank 0's BatchNorm statistics)
     measurements = evaluate.evaluate(model, x_test, y_test, config["eval"], cell_dir,
-                                     batch_size=runtime.eval_batch_size, native=native, group=group)
+                                     batch_size=runtime.eval_batch_size, native=native, group=group,
+                                     on_condition=_evaluation_progress(cell_dir, group))
     if not group.writer:
         return
     state = cells.read_state(cell_dir)
@@ -157,13 +173,58 @@ def _train_and_evaluate(cell_dir: Path, document: dict, runtime: Runtime, starte
         "started_at": started, "finished_at": datetime.now(timezone.utc), "train_seconds": trained.seconds,
         "precision": trainer.precision, "world_size": group.world_size,
     }
-    rows = [{**common, **_measured(m)} for m in measurements]
-    results.write_table(cell_dir / cells.EXAMPLES_FILE, _examples_table(measurements))
+    rows = [{**common, **measurement_columns(m)} for m in measurements]
+    results.write_table(cell_dir / cells.EXAMPLES_FILE, examples_table(measurements))
     results.write_rows(cell_dir / cells.ROWS_FILE, rows)  # last: its existence means "done"
     log.info("wrote %d rows: %s", len(rows), ", ".join(f"{m.condition}={m.n_correct}/{m.n_examples}" for m in measurements))
+    retention.keep_weights(cell_dir, runtime.retention, model.state_dict())
 
 
-def _measured(m: evaluate.Measurement) -> dict[str, Any]:
+def _history_hooks(cell_dir: Path, document: dict, model: models.Classifier, splits: data.Splits,
+                   device: torch.device, runtime: Runtime, group: distributed.Group) -> dict[str, Any]:
+    """The Trainer's `measure` (the robust validation of benchmark.validation on a small fixed
+    subset) and `on_epoch_end` (the cell's history file rewritten whole) for the writing rank;
+    nothing for the others."""
+    if not group.writer:
+        return {}
+    attack = document["config"]["loss"]["attack"]
+    x_val, y_val = (validation_subset(splits.val, runtime.history_validation_size)
+                    if runtime.history_validation_size else (None, None))
+
+    def measure() -> dict[str, Any]:
+        measured: dict[str, Any] = {"val_size": len(splits.val)}
+        if x_val is not None:
+            start = time.perf_counter()
+            # Its own random stream: measuring (an attack's random starts) must not change training.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                loss, accuracy = robust_validation(model, x_val, y_val, attack, device, runtime.eval_batch_size)
+            measured |= {"val_robust_loss": loss, "val_robust_accuracy": accuracy, "val_robust_size": len(y_val),
+                         "val_seconds": time.perf_counter() - start}
+        return measured
+
+    def write(done: int, trained: train.TrainResult) -> None:
+        history.write_history(cell_dir, document["study"], document["cell_id"], trained.history)
+        cells.write_progress(cell_dir, phase="training", epochs_done=done, epochs=trained.epochs)
+
+    return {"measure": measure, "on_epoch_end": write}
+
+
+def _evaluation_progress(cell_dir: Path, group: distributed.Group) -> Callable[[str, int, int], None] | None:
+    """evaluate's `on_condition` for the writing rank: the condition begun, in the heartbeat."""
+    if not group.writer:
+        return None
+    return lambda condition, done, total: cells.write_progress(cell_dir, phase="evaluating", condition=condition,
+                                                               conditions_done=done, conditions=total)
+
+
+def native_images(dataset_cfg: dict[str, Any], runtime: Runtime) -> evaluate.NativeImages:
+    """The test split at its native resolution, read only by a condition that needs it."""
+    return evaluate.NativeImages(images=lambda: data.load_test_native(dataset_cfg, runtime.data_root),
+                                 to_input=lambda images: data.test_input(images, dataset_cfg))
+
+
+def measurement_columns(m: evaluate.Measurement) -> dict[str, Any]:
+    """The row columns of one measurement (the rest of a row says which cell and run)."""
     return {
         "condition": m.condition, "norm": m.norm, "epsilon": m.epsilon, "eps_grid": m.eps_grid,
         "attack": m.attack, "attack_version": m.attack_version, "n_examples": m.n_examples,
@@ -171,7 +232,7 @@ def _measured(m: evaluate.Measurement) -> dict[str, Any]:
     }
 
 
-def _examples_table(measurements: list[evaluate.Measurement]) -> pa.Table:
+def examples_table(measurements: list[evaluate.Measurement]) -> pa.Table:
     """Per-example results, one row per condition x test example (for bootstrap CIs): whether
     it is correct, and its score (its share of the accuracy, see `evaluate.Measurement`)."""
     return pa.table({

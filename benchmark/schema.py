@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from benchmark.errors import RFTBenchError
 
@@ -172,6 +172,10 @@ class Runtime(Strict):
     eval_batch_size: Count
     gpu_tflops: Positive                         # sustained rate of the cost prior (plan's estimate)
     collective_timeout_s: Positive               # a rank waiting longer on its peers fails the cell
+    retention: Literal["final", "all", "none"]   # what a done cell keeps: final weights, all, no weights
+    history_validation_size: Annotated[int, Field(ge=0)]  # images of the per-epoch robust validation
+    retention: Literal["final", "all", "none"]   # what a done cell keeps (benchmark.retention)
+    history_validation_size: Annotated[int, Field(ge=0)]  # per-epoch robust validation images; 0: none
 
 
 class Batching(Strict):
@@ -245,6 +249,48 @@ GROUPS: dict[str, type[BaseModel]] = {
 }
 
 
+class Bounds(Strict):
+    low: NonNegative
+    high: NonNegative
+    log: bool                                    # sample log-uniformly (then low > 0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Bounds:
+        if self.low > self.high:
+            raise ValueError(f"low {self.low} exceeds high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-uniform range needs low > 0")
+        return self
+
+
+class Pruner(Strict):
+    min_resource: Count                          # epochs before the first rung (ASHA's grace period)
+    reduction_factor: Annotated[int, Field(ge=2)]
+
+
+class Space(Strict):
+    lr_backbone: Bounds | None = None
+    lr_head: Bounds | None = None
+    weight_decay_backbone: Bounds | None = None
+    weight_decay_head: Bounds | None = None
+    cosine: Annotated[list[bool], Field(min_length=1)] | None = None
+
+
+class TuneOption(Strict):
+    """conf/tune: the per-cell search of `rftbench tune` (benchmark/tune_space.py)."""
+
+    name: str
+    n_trials: Count                              # finished (complete or pruned) trials per cell
+    timeout_minutes: Positive | None             # per cell and worker: no trial starts after it
+    max_epochs: Count                            # a trial's epochs (the protocol's when fewer)
+    workers: Count                               # per cell
+    seed: Seed
+    storage: str | None                          # null: a journal file under the study; or a database URL
+    validation_size: Count                       # images of the objective's validation subset
+    pruner: Pruner
+    space: Space
+
+
 class RootConfig(Open):
     """The root config's own keys; the groups' nodes are checked by their own models."""
 
@@ -294,6 +340,7 @@ def check_root(root: dict[str, Any]) -> None:
 
     check(RootConfig, {k: v for k, v in root.items() if k in RootConfig.model_fields}, "config", "")
     check(StudyConfig, root["study"], f"study {root['study'].get('name')!r}", "study")
+    check(TuneOption, root["tune"], f"tune option {root['tune'].get('name')!r}", "tune")
     launcher = root["launcher"]
     launcher_schema = resolve(LAUNCHER_CLASS)(launcher.get("kind", launcher["name"])).schema
     if launcher_schema is not None:

@@ -1,7 +1,7 @@
 """Study-level commands: plan, launch, status, resume, cancel.
 
-A sweep is idempotent (DomainBed-style): a cell's id is the hash of its resolved config and its
-state lives in its directory, so relaunching a study launches only what is not done.
+A sweep is idempotent (DomainBed-style): a cell's id is the hash of its resolved training config
+and its state lives in its directory, so relaunching a study launches only what is not done.
 
 A cell's state comes from the files its worker writes (benchmark.cell), reconciled, for the cells
 whose files say a worker is at it, with the launcher that cell records (launchers): a cell whose
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import shutil
 import sys
 import time
 from collections import Counter
@@ -33,9 +34,19 @@ from typing import Any
 
 from benchmark import cell as cells
 from benchmark.cell import AXES, Cell
+from benchmark.retention import describe_disk, disk_estimate, disk_used, human_bytes
 from benchmark.show import note_lines
 from benchmark.study import Study, plan
-from launchers import JobState, Launcher, config_key, kind_of, launcher_class, launcher_for, record_config, recorded_config
+from launchers import (
+    JobState,
+    Launcher,
+    config_key,
+    kind_of,
+    launcher_class,
+    launcher_for,
+    record_config,
+    recorded_config,
+)
 
 TABLE_ROWS = 40  # cells listed in the text output; --format json lists all
 LOG_LINES = 5  # lines of a failed cell's log shown by `status`
@@ -153,6 +164,7 @@ def _print_summary(study: Study, report: dict[str, Any]) -> None:
     from benchmark.cost import describe
 
     print("\n".join(f"  {line}" for line in describe(report["estimate"])))
+    print("  " + describe_disk(report["disk"]))
     for entry in report["cells"][:TABLE_ROWS]:
         print(f"  {entry['cell_id']}  {entry['state']:8s} " + " ".join(entry[a] for a in AXES) + f" seed{entry['seed']}")
     if report["total"] > TABLE_ROWS:
@@ -164,7 +176,8 @@ def _counts(by_state: dict[str, int]) -> str:
 
 
 def _print_status(study: Study, states: dict[str, dict[str, Any]], report: dict[str, Any]) -> None:
-    print(f"study {study.name}: {report['total']} cells in {study.dir}")
+    print(f"study {study.name}: {report['total']} cells in {study.dir} "
+          f"({human_bytes(report['disk_bytes_used'])} on disk in their directories)")
     print("  " + _counts(report["by_state"]))
     _print_failed(study, [c for c in study.cells if states[c.id]["state"] == "failed"], states)
 
@@ -193,7 +206,8 @@ def plan_command(args: argparse.Namespace) -> int:
 
     study = plan(args.overrides)
     states = cell_states(study)
-    report = {**summary(study, states), "estimate": estimate(study, states), "notes": study.notes}
+    report = {**summary(study, states), "estimate": estimate(study, states), "disk": disk_estimate(study),
+              "notes": study.notes}
     if args.format == "json":
         print(json.dumps(report, indent=2))
     else:
@@ -324,9 +338,16 @@ def resume_command(args: argparse.Namespace) -> int:
 
 def status_command(args: argparse.Namespace) -> int:
     study = plan(args.overrides)
+    if args.watch is not None and args.format == "text":
+        from benchmark.watch import watch
+
+        width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+        return watch(study, args.watch, sys.stdout, time.time, time.sleep, width)
     while True:
         states = cell_states(study)
-        report = summary(study, states)
+        present = cells.cells_with_directory(study.dir)
+        report = {**summary(study, states), "disk_bytes_used": sum(disk_used(c.directory(study.dir))
+                                                                   for c in study.cells if c.id in present)}
         if args.watch is not None and sys.stdout.isatty():
             print("\033[2J\033[H", end="")  # clear the screen: each refresh replaces the last
         if args.format == "json":

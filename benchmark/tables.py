@@ -1,6 +1,6 @@
 """A study's result tables by name, as pandas: the long table (`load`), the cell table
-(`load_cells`), the wide accuracy table (`wide`), and `rftbench collect`. Torch-free: analysis and
-notebooks load results on a laptop with this module.
+(`load_cells`), the learning curves (`history`), the wide accuracy table (`wide`), and `rftbench
+collect`. Torch-free: analysis and notebooks load results on a laptop with this module.
 
 It builds on `collect` (a study never collected is collected first) and `results` (the schema and
 checked reading); neither imports it.
@@ -13,12 +13,19 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from benchmark.cell import AXES
+from benchmark.arguments import study_and_root
+from benchmark.cell import AXES, CELLS_DIR
 from benchmark.collect import collect, ensure_collected, print_warnings
 from benchmark.errors import RFTBenchError, unknown_choice
-from benchmark.arguments import study_and_root
+from benchmark.history import HISTORY_FILE, read_history
 from benchmark.paths import study_dir
-from benchmark.results import CELL_SCHEMA, CELLS_FILE, MEASUREMENTS_FILE, ROW_SCHEMA, read_table
+from benchmark.results import (
+    CELL_SCHEMA,
+    CELLS_FILE,
+    MEASUREMENTS_FILE,
+    ROW_SCHEMA,
+    read_table,
+)
 
 if TYPE_CHECKING:  # pandas is imported by to_pandas() when a table is loaded
     import pandas as pd
@@ -54,6 +61,15 @@ def _collected(study: str, results_root: Path | None, name: str, schema: pa.Sche
     directory = existing_study_dir(study, results_root)
     ensure_collected(directory)
     return read_table(directory / name, schema)
+
+
+def history(study: str, results_root: Path | None = None) -> pd.DataFrame:
+    """The study's learning curves: one row per cell x completed epoch (benchmark.history's
+    columns), collected with the other tables; empty for a study without histories (imported)."""
+    directory = existing_study_dir(study, results_root)
+    if ensure_collected(directory) is None and (directory / CELLS_DIR).is_dir() and not (directory / HISTORY_FILE).exists():
+        collect(directory)  # collected before histories were
+    return read_history(directory / HISTORY_FILE).to_pandas()
 
 
 def wide(df: pd.DataFrame) -> pd.DataFrame:

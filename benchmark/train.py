@@ -65,6 +65,10 @@ class TrainResult:
     seconds: float = 0.0
     eps_per_epoch: list[float] = field(default_factory=list)
     val_accuracy: list[float] = field(default_factory=list)
+    # One record per completed epoch (plain numbers, kept in the checkpoint): epoch, step,
+    # samples_seen, train_loss, train_accuracy (on the adversarial examples), val_accuracy, eps,
+    # lr_backbone (None when frozen), lr_head, seconds, and what `measure` added.
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -82,7 +86,8 @@ def _param_groups(model: Classifier, optimizer_cfg: dict[str, Any]) -> list[dict
             chosen = [p for p in trainable if (p.ndim > 1) == decay]
             if chosen:
                 weight_decay = optimizer_cfg[f"weight_decay_{part}"] if decay else 0.0
-                groups.append({"params": chosen, "lr": optimizer_cfg[f"lr_{part}"], "weight_decay": weight_decay})
+                groups.append({"params": chosen, "lr": optimizer_cfg[f"lr_{part}"], "weight_decay": weight_decay,
+                               "part": part})
     return groups
 
 
@@ -110,10 +115,13 @@ class Trainer:
 
     def __init__(self, model: Classifier, splits: Splits, loss_cfg: dict, protocol: dict, *,
                  ckpt_path: Path, device: torch.device, seed: int, num_workers: int = 0,
-                 on_epoch_end: Callable[[int, TrainResult], None] | None = None, group: Group = SINGLE):
+                 on_epoch_end: Callable[[int, TrainResult], None] | None = None, group: Group = SINGLE,
+                 measure: Callable[[], dict[str, Any]] | None = None):
         # on_epoch_end(epochs done, result) runs after each epoch's checkpoint; it may raise to
         # stop training there (a tuning trial reports its objective and is pruned this way).
-        self.on_epoch_end = on_epoch_end
+        # measure() runs before the checkpoint and its values join the epoch's history record:
+        # saved with the weights, a resumed cell's history neither repeats nor loses an epoch.
+        self.on_epoch_end, self.measure = on_epoch_end, measure
         self.model, self.splits, self.protocol = model.to(device), splits, protocol
         self.loss_cfg, self.robust_loss = loss_cfg, make_loss(loss_cfg)
         self.ckpt_path, self.device, self.seed, self.num_workers = ckpt_path, device, seed, num_workers
@@ -140,9 +148,12 @@ class Trainer:
         for epoch in range(first_epoch, self.protocol["epochs"]):
             eps = eps_at_epoch(self.loss_cfg["eps_schedule"], self.loss_cfg["attack"]["eps"], epoch,
                                self.protocol["epochs"], self.result.val_accuracy)
-            train_loss = self._train_epoch(epoch, eps)
+            epoch_start = time.perf_counter()
+            lrs = {f"lr_{part}": self._lr(part) for part in ("backbone", "head")}
+            train_loss, train_accuracy, seen, steps = self._train_epoch(epoch, eps)
             self.result.eps_per_epoch.append(eps)
             self.result.val_accuracy.append(accuracy(self.model, val_loader, self.device, self.group))
+            self._record(epoch, eps, train_loss, train_accuracy, seen, steps, lrs, time.perf_counter() - epoch_start)
             if self.scheduler:
                 self.scheduler.step()
             self._save(epoch + 1)
@@ -169,16 +180,31 @@ class Trainer:
         return DataLoader(dataset, batch_size=self.batch_size, sampler=order,
                           num_workers=self.num_workers, drop_last=False, pin_memory=self.device.type == "cuda")
 
-    def _train_epoch(self, epoch: int, eps: float) -> float:
+    def _lr(self, part: str) -> float | None:
+        """The learning rate of the backbone's or head's parameters now (None: none trained)."""
+        return next((g["lr"] for g in self.optimizer.param_groups if g.get("part") == part), None)
+
+    def _record(self, epoch: int, eps: float, train_loss: float, train_accuracy: float, seen: int, steps: int,
+                lrs: dict[str, float | None], seconds: float) -> None:
+        """Append the epoch's history record (steps and samples counted from the first epoch)."""
+        previous = self.result.history[-1] if self.result.history else {"step": 0, "samples_seen": 0}
+        record = {"epoch": epoch + 1, "step": previous["step"] + steps, "samples_seen": previous["samples_seen"] + seen,
+                  "train_loss": train_loss, "train_accuracy": train_accuracy,
+                  "val_accuracy": self.result.val_accuracy[-1], "eps": eps, **lrs, "seconds": seconds}
+        self.result.history.append({**record, **(self.measure() if self.measure else {})})
+
+    def _train_epoch(self, epoch: int, eps: float) -> tuple[float, float, int, int]:
+        """One epoch; (mean loss, accuracy on the adversarial examples, examples seen, optimizer
+        steps), the first three over every rank."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total, batches = 0.0, 0
+        total, batches, correct, seen, steps = 0.0, 0, 0, 0, 0
         loader = self._loader(self.splits.train, shuffle=True, epoch=epoch)
         for step, (x, y) in enumerate(loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with autocast(self.precision, self.device):
                 try:
-                    loss, _ = self.robust_loss(self.model, x, y, eps)
+                    loss, logits_adv = self.robust_loss(self.model, x, y, eps)
                 except NonFiniteLossError as err:
                     raise NonFiniteLossError(f"epoch {epoch + 1}, step {step + 1}: {err}") from None
             self.scaler.scale(loss / self.accumulate).backward()
@@ -187,8 +213,12 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
+                steps += 1
             total, batches = total + loss.item(), batches + 1
-        return total / max(batches, 1)
+            correct, seen = correct + (logits_adv.argmax(1) == y).sum().item(), seen + len(y)
+        total, batches, correct, seen = self.group.sum(torch.tensor([total, batches, correct, seen],
+                                                                    dtype=torch.float64)).tolist()
+        return total / max(batches, 1), correct / max(seen, 1), int(seen), steps
 
     def _save(self, epochs_done: int) -> None:
         if not self.group.writer:
@@ -201,6 +231,7 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "eps_per_epoch": self.result.eps_per_epoch,
             "val_accuracy": self.result.val_accuracy,
+            "history": self.result.history,
         }
         write_atomic(self.ckpt_path, lambda tmp: torch.save(state, tmp))
 
@@ -208,7 +239,8 @@ class Trainer:
         """Load the last checkpoint if any; returns the epoch to start from (0 without one)."""
         if not self.ckpt_path.exists():
             return 0
-        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        # Tensors and plain types only: loading never unpickles arbitrary objects.
+        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler:
@@ -217,6 +249,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.result.eps_per_epoch = list(state["eps_per_epoch"])
         self.result.val_accuracy = list(state["val_accuracy"])
+        self.result.history = list(state.get("history", []))  # none in a checkpoint written before histories
         self.result.resumed_from_epoch = state["epochs_done"]
         # The attack is deterministic and batches are seeded per epoch; reseed the rest per epoch.
         seed_everything(rank_seed(self.seed + state["epochs_done"], self.group))

@@ -42,7 +42,9 @@ from launchers import LAUNCHERS, launcher_class, launcher_for
 
 KEY_COLUMNS = ("dataset", "model", "loss", "protocol")
 SPEC_FILE = "worker.json"
-POLL_SECONDS = 5.0  # how often `tune` asks the launcher whether its workers are still there
+# How often `tune` asks the launcher whether its workers are still there: sacct is not free.
+POLL_SECONDS = {"local": 5.0}
+POLL_SECONDS_SCHEDULER = 60.0
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ def _run_searches(study: Study, tune: TuneConfig, url: str, searches: list[Searc
                 for record in launcher.submit_workers(study, worker, tune.workers, f"tune-{search.cell.id}"):
                     records[len(records)] = dict(record)
             print(f"  started {len(records)} workers ({launcher.name}) for {len(todo)} cells")
-            _wait(records, todo)
+            _wait(records, todo, POLL_SECONDS.get(launcher.kind, POLL_SECONDS_SCHEDULER))
         for search in group:
             count = tune_space.counts(search.study)
             print(f"  {search.cell.slug}: {_describe(count)}, best {_best(search.study)}")
@@ -174,11 +176,11 @@ def _remaining(search: Search, tune: TuneConfig) -> int:
     return max(0, tune.n_trials - tune_space.counts(search.study)["finished"])
 
 
-def _wait(records: dict[int, dict[str, Any]], searches: list[Search]) -> None:
+def _wait(records: dict[int, dict[str, Any]], searches: list[Search], poll_seconds: float) -> None:
     """Until every worker of `records` has ended, failing the trials of dead ones meanwhile (so
     that the live workers take their retries)."""
     while len(workers_gone(records)) < len(records):
-        time.sleep(POLL_SECONDS)
+        time.sleep(poll_seconds)
         for search in searches:
             tune_space.reap(search.study, workers_gone)
 

@@ -21,12 +21,16 @@ from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+from optuna.storages.journal import (
+    JournalFileBackend,
+    JournalFileOpenLock,
+    JournalStorage,
+)
 from optuna.trial import FrozenTrial, TrialState
 
 from benchmark.cell import Cell, canonical_json
 from benchmark.errors import RFTBenchError
-
+from benchmark.schema import TuneOption, check
 
 # The hyper-parameters a protocol tunes, in the order they are drawn (the draw of a trial
 # depends on it); a protocol that does not train its backbone tunes the head ones only.
@@ -60,26 +64,13 @@ class TuneConfig:
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> TuneConfig:
-        """The option `cfg` (the root config's `tune` node); bad values are refused by name."""
-        name = cfg["name"]
-        for key in ("n_trials", "max_epochs", "workers", "validation_size"):
-            if not isinstance(cfg[key], int) or cfg[key] < 1:
-                raise RFTBenchError(f"tune {name!r}: tune.{key}={cfg[key]!r}; it must be an integer >= 1")
-        if cfg["timeout_minutes"] is not None and not cfg["timeout_minutes"] > 0:
-            raise RFTBenchError(f"tune {name!r}: tune.timeout_minutes={cfg['timeout_minutes']!r}; "
-                                "it must be > 0, or null for no time budget")
-        pruner = cfg["pruner"]
-        if pruner["min_resource"] < 1 or pruner["reduction_factor"] < 2:
-            raise RFTBenchError(f"tune {name!r}: tune.pruner={pruner}; min_resource must be >= 1 "
-                                "and reduction_factor >= 2")
-        unknown = set(cfg["space"]) - set(PARAMS)
-        if unknown:
-            raise RFTBenchError(f"tune {name!r}: tune.space has {sorted(unknown)}; it may only hold {list(PARAMS)}")
-        for param, spec in cfg["space"].items():
-            _check_range(name, param, spec)
+        """The option `cfg` (the root config's `tune` node, checked by `schema.TuneOption`)."""
+        check(TuneOption, cfg, f"tune option {cfg.get('name')!r}", "tune")
+        name, pruner = cfg["name"], cfg["pruner"]
+        space = {key: value for key, value in cfg["space"].items() if value is not None}
         return cls(name, cfg["n_trials"], cfg["timeout_minutes"], cfg["max_epochs"], cfg["workers"], cfg["seed"],
                    cfg["storage"], pruner["min_resource"], pruner["reduction_factor"], cfg["validation_size"],
-                   dict(cfg["space"]))
+                   space)
 
     def sampler(self) -> optuna.samplers.BaseSampler:
         return TrialSeededRandomSampler(self.seed)
@@ -88,21 +79,6 @@ class TuneConfig:
         """ASHA: asynchronous successive halving, one rung per `reduction_factor` x epochs."""
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=self.min_resource,
                                                       reduction_factor=self.reduction_factor)
-
-
-def _check_range(tune_name: str, param: str, spec: Any) -> None:
-    """A float range {low, high, log} (cosine: a list of booleans to choose from)."""
-    where = f"tune {tune_name!r}: tune.space.{param}={spec!r}"
-    if param == "cosine":
-        if not isinstance(spec, list) or not spec or not all(isinstance(v, bool) for v in spec):
-            raise RFTBenchError(f"{where}; it must be a non-empty list of true/false")
-        return
-    if not isinstance(spec, dict) or set(spec) != {"low", "high", "log"}:
-        raise RFTBenchError(f"{where}; it must be {{low: ..., high: ..., log: true|false}}")
-    if spec["low"] > spec["high"]:
-        raise RFTBenchError(f"{where}: low {spec['low']} exceeds high {spec['high']}")
-    if spec["log"] and spec["low"] <= 0:
-        raise RFTBenchError(f"{where}: a log-uniform range needs low > 0")
 
 
 class TrialSeededRandomSampler(optuna.samplers.RandomSampler):

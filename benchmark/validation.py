@@ -41,16 +41,24 @@ def validation_subset(val: ImageDataset, size: int = SUBSET_SIZE, seed: int = SU
     return load_tensors(Subset(val, positions.tolist()))
 
 
-@torch.no_grad()
 def robust_validation_loss(model: nn.Module, x: Tensor, y: Tensor, attack_cfg: dict[str, Any],
                            device: torch.device, batch_size: int = 256) -> float:
     """The mean cross-entropy on (x, y) attacked with `attack_cfg` (a loss config's `attack`
     node) at its target eps, objective forced to cross-entropy; see the module docstring."""
+    return robust_validation(model, x, y, attack_cfg, device, batch_size)[0]
+
+
+@torch.no_grad()
+def robust_validation(model: nn.Module, x: Tensor, y: Tensor, attack_cfg: dict[str, Any],
+                      device: torch.device, batch_size: int = 256) -> tuple[float, float]:
+    """(robust validation loss, accuracy on the same attacked images): one attack, two numbers."""
     attack = make_attack({**attack_cfg, "objective": "ce"})
-    total = 0.0
+    total, correct = 0.0, 0
     with eval_mode(model):
         for start in range(0, len(y), batch_size):
             xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
             x_adv = attack(model, xb, yb, attack_cfg["eps"], None) if attack_cfg["eps"] > 0 else xb
-            total += F.cross_entropy(model(x_adv).float(), yb, reduction="sum").item()
-    return total / len(y)
+            logits = model(x_adv).float()
+            total += F.cross_entropy(logits, yb, reduction="sum").item()
+            correct += (logits.argmax(1) == yb).sum().item()
+    return total / len(y), correct / len(y)

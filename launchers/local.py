@@ -15,6 +15,7 @@ is judged by its heartbeat, benchmark.sweep).
 """
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import multiprocessing
@@ -73,24 +74,20 @@ class LocalLauncher(Launcher):
         return self.config["nproc"]
 
     def launch(self, study: Study, todo: list[Cell]) -> int:
-        from benchmark.run import Runtime, run_cell  # torch: only once a cell runs here
-
-        runtime = Runtime.from_config(study.config)
         job = self.job_record()  # the worker adds its host and pid
         nproc = self.config["nproc"]
+        runtime_config = {"paths": {kind: str(Path(path).resolve()) for kind, path in study.config["paths"].items()},
+                          "runtime": study.config["runtime"]}
+        # Several ranks: the spawned processes import torch; this one need not (it would delay them).
+        run = (functools.partial(run_ranks, runtime_config=runtime_config, job=job, nproc=nproc) if nproc > 1
+               else _in_process(runtime_config, job))
         failed: list[Cell] = []
         print(f"study {study.name}: running {len(todo)} cells locally"
               f"{f' ({nproc} processes each)' if nproc > 1 else ''}; results in {study.dir}")
         with tqdm(todo, unit="cell", file=sys.stdout, dynamic_ncols=True) as bar:
             for cell in bar:
                 bar.set_description(cell.slug)
-                if nproc > 1:
-                    if not run_ranks(cell.directory(study.dir), runtime, job, nproc):
-                        failed.append(cell)
-                    continue
-                try:
-                    run_cell(cell.directory(study.dir), runtime, job=job)
-                except Exception:  # recorded in the cell's state; the sweep goes on
+                if not run(cell.directory(study.dir)):
                     failed.append(cell)
         for cell in failed:
             reason = cells.read_state(cell.directory(study.dir)).get("reason")
@@ -137,15 +134,33 @@ def visible_gpus() -> int:
     return len(glob.glob("/proc/driver/nvidia/gpus/*"))
 
 
-def run_ranks(cell_dir: Path, runtime: Any, job: JobRecord, nproc: int) -> bool:
-    """Run the cell in `cell_dir` as `nproc` spawned ranks (benchmark.run.run_cell in each);
-    whether every rank succeeded. On failure the cell's state names the rank that failed first
-    and why, also when that rank died without a word (killed)."""
+def _in_process(runtime_config: dict[str, Any], job: JobRecord) -> Callable[[Path], bool]:
+    """Runs a cell in this process: whether it succeeded (a failure is in the cell's state)."""
+    from benchmark.run import Runtime, run_cell  # torch: only once a cell runs here
+
+    runtime = Runtime.from_config(runtime_config)
+
+    def run(cell_dir: Path) -> bool:
+        try:
+            run_cell(cell_dir, runtime, job=job)
+        except Exception:  # recorded in the cell's state; the sweep goes on
+            return False
+        return True
+
+    return run
+
+
+def run_ranks(cell_dir: Path, runtime_config: dict[str, Any], job: JobRecord, nproc: int) -> bool:
+    """Run the cell in `cell_dir` as `nproc` spawned ranks (benchmark.run.run_cell in each, with
+    the runtime of `runtime_config`: the root config's paths and runtime); whether every rank
+    succeeded. On failure the cell's state names the rank that failed first and why, also when
+    that rank died without a word (killed)."""
     port = _free_port()
     cpus = max(1, len(os.sched_getaffinity(0)) // nproc)  # the machine's cores shared by the ranks
     spawn = multiprocessing.get_context("spawn")
     ranks = [spawn.Process(target=_rank_main, name=f"rank{rank}",
-                           args=(cell_dir, runtime, JobRecord(**job, cpus=cpus), _rank_environment(rank, nproc, port)))
+                           args=(cell_dir, runtime_config, JobRecord(**job, cpus=cpus),
+                                 _rank_environment(rank, nproc, port)))
              for rank in range(nproc)]
     for process in ranks:
         process.start()
@@ -168,14 +183,14 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _rank_main(cell_dir: Path, runtime: Any, job: JobRecord, environment: dict[str, str]) -> None:
+def _rank_main(cell_dir: Path, runtime_config: dict[str, Any], job: JobRecord, environment: dict[str, str]) -> None:
     """One rank (in its spawned process). Its failure is recorded by benchmark.run; the exit
     code tells the launcher, without a traceback on the terminal."""
     os.environ.update(environment)
-    from benchmark.run import run_cell  # torch: in the rank's process only
+    from benchmark.run import Runtime, run_cell  # torch: in the rank's process only
 
     try:
-        run_cell(cell_dir, runtime, job=job)
+        run_cell(cell_dir, Runtime.from_config(runtime_config), job=job)
     except Exception:  # recorded (rank 0: the cell's state; another rank: its failure file)
         sys.exit(1)
 

@@ -114,10 +114,10 @@ class SlurmLauncher(Launcher):
             check_ranks(shape, group[0])
 
     def processes(self, cell: Cell) -> int:
-        """The ranks of the cell: its job's tasks (nodes x tasks_per_node), each a process of one
+        """The ranks of the cell: its job's tasks (nodes x ntasks_per_node), each a process of one
         data-parallel group (benchmark.distributed; one GPU per task on CUDA)."""
         shape = resources(self.config, cell)
-        return shape.get("nodes", 1) * shape.get("tasks_per_node", 1)
+        return shape.get("nodes", 1) * shape.get("ntasks_per_node", 1)
 
     def launch(self, study: Study, todo: list[Cell]) -> int:
         """Submit `todo` as held job arrays, record each cell's job id, then release the arrays."""
@@ -244,12 +244,12 @@ def resources(launcher: dict[str, Any], cell: Cell | None) -> dict[str, Any]:
 def check_ranks(shape: dict[str, Any], cell: Cell) -> None:
     """Refuse a shape with more tasks (ranks) per node than GPUs per node when it asks for GPUs
     (`cell`: one cell of that shape, named in the message)."""
-    tasks, gpus = shape.get("tasks_per_node", 1), shape.get("gpus_per_node")
+    tasks, gpus = shape.get("ntasks_per_node", 1), shape.get("gpus_per_node")
     if tasks < 1:
-        raise RFTBenchError(f"launcher resources of {cell.slug}: tasks_per_node={tasks}, at least 1 is needed")
+        raise RFTBenchError(f"launcher resources of {cell.slug}: ntasks_per_node={tasks}, at least 1 is needed")
     if gpus and tasks > int(str(gpus).rpartition(":")[2]):
-        raise RFTBenchError(f"launcher resources of {cell.slug}: tasks_per_node={tasks} ranks but gpus_per_node={gpus}: "
-                            "at most one rank per GPU (set tasks_per_node <= gpus_per_node)")
+        raise RFTBenchError(f"launcher resources of {cell.slug}: ntasks_per_node={tasks} ranks but gpus_per_node={gpus}: "
+                            "at most one rank per GPU (set ntasks_per_node <= gpus_per_node)")
 
 
 def shapes(launcher: dict[str, Any], todo: Iterable[Cell]) -> dict[str, tuple[dict[str, Any], list[Cell]]]:

@@ -19,9 +19,25 @@ start_cluster() {
   esac
 }
 
+# The report page test drives Debian's headless Chromium (with selenium, a dev dependency):
+# install it when this machine can (root on Debian); elsewhere that test skips with the reason.
+install_browser() {
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null && return 0
+  if [[ $(id -u) -ne 0 || ! -f /etc/debian_version ]]; then
+    echo "test.sh: chromium is missing and this is not root on Debian; the report page test will skip" >&2
+    return 0
+  fi
+  local log=/tmp/rftbench-browser-apt.log
+  {
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+  } >"$log" 2>&1 || echo "test.sh: installing chromium failed (log: $log); the report page test will skip" >&2
+}
+
 main() {
   [[ -x $PYTEST ]] || { echo "test.sh: $PYTEST is missing: run 'make setup' first" >&2; exit 1; }
   start_cluster
+  install_browser
   local rc=0
   # No path given: pytest runs pyproject's testpaths (tests/).
   "$PYTEST" -q "$@" || rc=$?

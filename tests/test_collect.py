@@ -17,16 +17,16 @@ import pytest
 import yaml
 
 from benchmark import results
-from benchmark.cell import CONFIG_FILE, ROWS_FILE, Cell, write_config
+from benchmark.cell import CONFIG_FILE, ROWS_FILE, Cell, cell_id, write_config
 from benchmark.collect import CELLS_DIR, MANIFEST_FILE, collect
 from benchmark.study import plan
 from benchmark.tables import collect_command, wide
 from fixtures.make_sweep import STUDY, rows
 
 SWEEP = Path(__file__).parent / "fixtures" / "sweep"
-DONE = "7d0f1232eeb2f2c4"      # digits__test_resnet.demo__classic_at__fft5, five whole rows
-FAILED = "1d08235250d22f05"    # digits__test_convnext.demo__trades__fft5, no rows
-TRUNCATED = "1958265f704d1838"  # linf and l2 on 150 of 200 examples
+DONE = "4629d91d10bf86ee"      # digits__test_resnet.demo__classic_at__fft5, five whole rows
+FAILED = "b7b2efc70b30c0bb"    # digits__test_convnext.demo__trades__fft5, no rows
+TRUNCATED = "20e8f5cf5a36c8e4"  # linf and l2 on 150 of 200 examples
 
 
 @pytest.fixture
@@ -60,16 +60,26 @@ def test_collect_of_the_golden_sweep_gives_the_golden_tables(study: Path):
     assert report.read == 12
 
 
+def test_the_golden_cells_ids_still_hash_from_their_configs():
+    """The fixture's ids are the hashes of its cells' stored configs: if cell identity changes,
+    regenerate the fixture with `.venv/bin/python tests/fixtures/make_sweep.py` and read the diff
+    of its expected tables."""
+    documents = [yaml.safe_load(path.read_text()) for path in (SWEEP / STUDY / CELLS_DIR).glob(f"*/{CONFIG_FILE}")]
+    assert len(documents) >= 10
+    for document in documents:
+        assert cell_id(document["config"]) == document["cell_id"], "regenerate: tests/fixtures/make_sweep.py"
+
+
 def test_golden_tables_say_what_each_cell_is(study: Path):
     collect(study)
     measurements, cells = tables(study)
     by_id = {cell["cell_id"]: cell for cell in cells.to_pylist()}
-    assert sorted(set(measurements["cell_id"].to_pylist())) == sorted([DONE, TRUNCATED, "a2b5a5ad18e67429"])
+    assert sorted(set(measurements["cell_id"].to_pylist())) == sorted([DONE, TRUNCATED, "6103c17465354812"])
     assert sum(c["state"] == "invalid" for c in by_id.values()) == 3  # corrupt, foreign, other schema
     assert by_id[FAILED]["state"] == "failed" and by_id[FAILED]["reason"] == "CUDA out of memory"
     assert by_id[TRUNCATED]["truncated"] is True and by_id[TRUNCATED]["truncation"] == "linf 150/200; l2 150/200"
     assert by_id[DONE]["truncated"] is False and by_id[DONE]["conditions"] == 5
-    assert by_id["a2b5a5ad18e67429"]["attempts"] == 2 and by_id["a2b5a5ad18e67429"]["requeues"] == 1
+    assert by_id["6103c17465354812"]["attempts"] == 2 and by_id["6103c17465354812"]["requeues"] == 1
     pairs = list(zip(measurements["cell_id"].to_pylist(), measurements["condition"].to_pylist()))
     assert len(pairs) == len(set(pairs))
 
@@ -79,8 +89,8 @@ def test_collect_command_reports_skipped_files_and_truncated_cells(study: Path, 
     out, err = capsys.readouterr()
     assert code == 1  # the tables are written, but some cell files were skipped
     assert "12 cells, 15 measurements" in out
-    assert f"skipped {study}/cells/7e40f96c885abd8a/rows.parquet: unreadable Parquet" in err
-    assert "foreign rows: cell_id ['7d0f1232eeb2f2c4']" in err
+    assert f"skipped {study}/cells/ee72cebee1957045/rows.parquet: unreadable Parquet" in err
+    assert "foreign rows: cell_id ['4629d91d10bf86ee']" in err
     assert "1 cells were measured on fewer examples than their dataset's test_size" in err and TRUNCATED in err
 
 
@@ -96,7 +106,7 @@ def test_collect_reads_only_changed_cells_and_equals_a_full_collect(study: Path,
     collect(study)
     failed = cell_of(study, FAILED)
     results.write_rows(study / CELLS_DIR / FAILED / ROWS_FILE, rows(failed, {}, attempt=2))  # its retry succeeded
-    shutil.rmtree(study / CELLS_DIR / "7f9d0323a8787eef")                                 # a pending cell removed
+    shutil.rmtree(study / CELLS_DIR / "718f6ff3920eb81a")                                 # a pending cell removed
     report = collect(study)
     assert report.read == 1 and report.cells == 11 and report.measurements == 20
     fresh = Path(shutil.copytree(study, tmp_path / "fresh" / STUDY))

@@ -27,7 +27,8 @@ from benchmark.paths import PROJECT_DIR
 from benchmark.study import plan
 
 VIT = ["study=demo", "model=test_vit.demo", "loss=classic_at", "dataset.augment.rotation_degrees=0",
-       "dataset.augment.color_jitter=0", "dataset.test_size=40", "runtime.eval_batch_size=10"]
+       "dataset.augment.color_jitter=0", "dataset.test_size=40", "runtime.eval_batch_size=10",
+       "runtime.retention=all"]  # a done cell keeps its checkpoint
 # Per-rank batch 32 on 2 ranks, 64 on 1; each epoch cut to an even number of images on both.
 TRAINED = [*VIT, "protocol=fft5", "protocol.drop_last_multiple=2", "eval=[clean,linf]"]
 FAILURE_BOUND_S = 90  # from a rank's death to the launcher's exit with the cell failed
@@ -159,3 +160,73 @@ def test_a_rank_that_dies_fails_the_cell_with_its_reason_within_bounded_time(roo
                             cwd=PROJECT_DIR, capture_output=True, text=True, check=True)
     (entry,) = json.loads(status.stdout)["cells"]
     assert entry["state"] == "failed" and entry["reason"] == state["reason"]
+
+
+# --- on the real local SLURM cluster (scripts/slurm-local.sh) ---------------------------------
+# A cell of 2 tasks, one CPU each, no GPU: the two ranks find each other from submitit's
+# distributed environment. The demo's test_resnet cell on 20 test images at an Linf budget APGD-CE
+# breaks at once (as tests/test_slurm.py), so that what is timed is the dispatch.
+
+SLURM_CELL = ["study=demo", "model=test_resnet.demo", "loss=classic_at", "dataset.test_size=20",
+              "eval.linf.eps=0.25", "runtime.eval_batch_size=10"]
+TWO_TASKS = ["launcher=slurm", "launcher.resources.protocol=null", "launcher.resources.model_size=null",
+             "launcher.resources.default.gpus_per_node=null", "launcher.resources.default.mem=3G",
+             "launcher.resources.default.cpus_per_task=1", "launcher.resources.default.ntasks_per_node=2",
+             "launcher.resources.default.time=10", "runtime.collective_timeout_s=120"]
+SLURM_TIMEOUT_S = 420  # a few cells on a busy two-core machine
+
+
+def _wait_until(what: str, check, timeout: float = SLURM_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting until {what}")
+        time.sleep(1)
+
+
+def _status(capsys, overrides: list[str]) -> dict:
+    capsys.readouterr()
+    assert main(["status", *overrides, "--format", "json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture
+def slurm_roots(roots):
+    """The roots, and every job still queued or running at the end cancelled."""
+    from slurm_cluster import require_slurm
+
+    require_slurm()
+    yield roots
+    job_ids = {cells.read_state(p.parent).get("job_id") for p in roots["results"].glob("*/cells/*/state.json")}
+    if job_ids - {None}:
+        subprocess.run(["scancel", *sorted(job_ids - {None})], capture_output=True)
+
+
+@pytest.mark.slurm
+def test_a_two_task_cell_completes_on_slurm_with_world_size_two(slurm_roots, capsys):
+    overrides = [*SLURM_CELL, "protocol=fft5", *TWO_TASKS]
+    assert main(["launch", *overrides]) == 0
+    assert "ntasks_per_node=2" in capsys.readouterr().out
+    _wait_until("the cell is done", lambda: _status(capsys, overrides)["by_state"] == {"done": 1})
+    rows = results.read_rows(_cell_dir(overrides) / cells.ROWS_FILE).to_pandas()
+    assert len(rows) == 5 and rows.world_size.eq(2).all() and rows.n_examples.eq(20).all()
+
+
+@pytest.mark.slurm
+def test_a_killed_rank_fails_the_slurm_cell_in_bounded_time_and_resume_finishes_it(slurm_roots, capsys):
+    overrides = [*SLURM_CELL, "protocol=fft50", "protocol.epochs=3", *TWO_TASKS]
+    cell_dir = _cell_dir(overrides)
+    assert main(["launch", *overrides]) == 0
+    log = cell_dir / cells.LOG_FILE
+    _wait_until("rank 0 has checkpointed its first epoch", lambda: log.exists() and "epoch 1/3" in log.read_text())
+    os.kill(cells.read_state(cell_dir)["pid"], signal.SIGKILL)  # rank 0: no chance to write anything
+    _wait_until("the cell is failed", lambda: _status(capsys, overrides)["by_state"] == {"failed": 1}, FAILURE_BOUND_S)
+    (entry,) = _status(capsys, overrides)["cells"]
+    assert entry["reason"].startswith(f"SLURM job {entry['job_id']}: ")
+
+    assert main(["resume", *overrides]) == 0
+    _wait_until("the resumed cell is done", lambda: _status(capsys, overrides)["by_state"] == {"done": 1})
+    assert "resumed from checkpoint after epoch 1" in log.read_text() or "resumed from checkpoint after epoch 2" in log.read_text()
+    rows = results.read_rows(cell_dir / cells.ROWS_FILE).to_pandas()
+    assert len(rows) == 5 and not rows.condition.duplicated().any() and rows.world_size.eq(2).all()
+    assert rows.attempt.eq(2).all()

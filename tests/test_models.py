@@ -22,7 +22,7 @@ from benchmark.errors import RFTBenchError
 from benchmark.paths import PROJECT_DIR
 from benchmark.study import load_option, options
 
-KEYS = {"name", "study_name", "source", "arch", "type", "size", "params_m", "pretraining", "input", "weights"}
+KEYS = {"name", "study_name", "source", "arch", "type", "size", "params_m", "pretraining", "input", "head", "weights"}
 SOURCES = {"timm", "local", "demo"}
 TYPES = {"fully convolutional": "convolutional", "fully attention": "attention", "hybrid": "hybrid"}
 # Backbones whose study size class is not the one their parameter count gives; the study's class
@@ -48,8 +48,9 @@ def test_every_model_yaml_has_the_schema_and_its_file_name() -> None:
         assert cfg["source"] in SOURCES and cfg["type"] in set(TYPES.values())
         assert cfg["size"] in {"small", "medium", "large"}
         assert set(cfg["pretraining"]) == {"strategy", "data", "images"}
-        assert set(cfg["input"]) == {"size", "mean", "std"}
+        assert set(cfg["input"]) == {"size", "mean", "std", "normalization"}
         assert len(cfg["input"]["mean"]) == len(cfg["input"]["std"]) == 3
+        assert cfg["input"]["normalization"] == "checkpoint" and cfg["head"] == "classifier"  # the options' own
         assert set(cfg["weights"]) == {"file", "url"}
         assert cfg["weights"]["file"].startswith(f"{cfg['name']}/")
         assert (cfg["weights"]["url"] is not None) == (cfg["source"] == "local"), file_name
@@ -122,7 +123,7 @@ def tiny_cfg(arch: str, source: str = "timm", file: str = "model.safetensors") -
     return {
         "name": name, "study_name": None, "source": source, "arch": arch, "type": "convolutional",
         "size": "small", "params_m": 0.0, "pretraining": {"strategy": "supervised", "data": "in1k", "images": None},
-        "input": {"size": 32, "mean": MEAN, "std": STD},
+        "input": {"size": 32, "mean": MEAN, "std": STD, "normalization": "checkpoint"}, "head": "classifier",
         "weights": {"file": f"{name}/{file}", "url": "https://example.org/ckpt.pt" if source == "local" else None},
     }
 

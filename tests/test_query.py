@@ -16,7 +16,7 @@ from benchmark.query import query, query_command
 from conftest import COMPUTE_PACKAGES, modules_loaded
 
 SWEEP = Path(__file__).parent / "fixtures" / "sweep"
-TRUNCATED = "1958265f704d1838"
+TRUNCATED = "20e8f5cf5a36c8e4"
 SQL = "SELECT cell_id, condition, n_correct, accuracy, finished_at FROM measurements ORDER BY cell_id, condition"
 
 
@@ -77,7 +77,7 @@ def test_a_query_names_the_truncated_cells_on_stderr(golden: Path, capsys: pytes
     code, out, err = run(capsys, "SELECT count(*) AS n FROM measurements")
     assert code == 0 and "15" in out
     assert "warning: 1 cells were measured on fewer examples than their dataset's test_size" in err
-    assert f"digits__test_resnet.demo__trades__fft5 ({TRUNCATED}): linf 150/200; l2 150/200" in err
+    assert f"digits__test_resnet.demo__trades__fft5__seed0 ({TRUNCATED}): linf 150/200; l2 150/200" in err
 
 
 def test_an_unknown_column_is_an_error_with_duckdbs_message(golden: Path):

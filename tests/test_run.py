@@ -35,7 +35,9 @@ def test_demo_cell_trains_evaluates_and_writes_five_rows(roots, capsys):
     for column in ("git_commit", "torch_version", "timm_version", "autoattack_version", "device", "host"):
         assert table[column].notna().all(), column
     assert cells.read_state(cell_dir)["state"] == "done"
-    assert (cell_dir / "ckpt" / "last.pt").exists() and (cell_dir / cells.LOG_FILE).read_text()
+    # Retention `final` (the default): the final weights kept, the checkpoint and optimizer state gone.
+    assert (cell_dir / "weights.safetensors").exists() and not (cell_dir / "ckpt").exists()
+    assert (cell_dir / cells.LOG_FILE).read_text()
     # Relaunching finds the cell done and launches nothing.
     capsys.readouterr()
     assert main(["launch", *ONE_CELL]) == 0

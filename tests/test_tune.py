@@ -118,6 +118,26 @@ def _complete(study: optuna.Study, params: dict, value: float) -> None:
     study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
 
 
+def test_a_trailing_trial_stops_at_the_first_rung_and_neither_it_nor_a_failed_one_is_chosen(tmp_path, roots):
+    """The configured ASHA pruner on real trials (their values stand in for training): a trial
+    that diverges trails at epoch 1 of 10 and is pruned there; one whose loss became NaN fails."""
+    study, config = _journal_study(tmp_path)
+    space = tune_space.cell_space(config, plan(DEMO_CELL).cells[0].config["protocol"])
+    sane = study.ask()
+    tune_space.suggest(sane, space)
+    for epoch in range(1, config.max_epochs + 1):
+        sane.report(2.0 - epoch / 100, epoch)
+        assert not sane.should_prune()
+    study.tell(sane, 1.9)
+    diverging = study.ask({"lr_backbone": optuna.distributions.FloatDistribution(1e-6, 1e-1, log=True)})
+    diverging.report(40.0, 1)
+    assert diverging.should_prune()
+    study.tell(diverging, state=TrialState.PRUNED)
+    study.tell(study.ask(), float("nan"))  # Optuna fails a trial whose objective is NaN
+    assert tune_space.table_row(plan(DEMO_CELL).cells[0], study)["lr_backbone"] == sane.params["lr_backbone"]
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL]
+
+
 def test_the_exported_table_round_trips_into_the_cells_a_study_trains(tmp_path, roots):
     searches = []
     for protocol, params in (("fft5", {"lr_backbone": 2e-4, "lr_head": 3e-3, "weight_decay_backbone": 1e-5,
@@ -165,7 +185,7 @@ def test_a_mariadb_storage_keeps_trials_and_retries_a_dead_workers(roots):
     port = os.environ.get("RFTBENCH_SLURM_DB_PORT", "3307")
     url = f"mysql+pymysql://rftbench_tune:tune-test@127.0.0.1:{port}/rftbench_tune_test"
     try:
-        _, config, _, searches = tune.prepare([*DEMO_CELL, "tune=smoke", f"tune.storage={url}"], create=True)
+        searches = tune.prepare([*DEMO_CELL, "tune=smoke", f"tune.storage={url}"], create=True)[3]
         study = searches[0].study
         dead = study.ask()
         dead.set_user_attr("worker", {**tune_space.worker_identity(dead.number, "local"), "pid": _dead_pid()})
