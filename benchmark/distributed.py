@@ -11,12 +11,14 @@ What the ranks share, and what they do not:
   each rank's running statistics follow its own examples. The checkpoint keeps rank 0's, and
   before evaluation every rank takes rank 0's (`broadcast_state`), so the evaluated model is the
   checkpointed one whatever the number of ranks.
-- Rank 0 is the one writer of the cell's checkpoint, state, heartbeat, log and rows. A rank that
-  fails leaves its reason in `rank<r>.failure.json` (`record_failure`) so that rank 0, failing
-  in turn at its next collective, can report the rank that failed first (`peer_failure`).
+- Rank 0 is the one writer of the cell's checkpoint, state, heartbeat, log and rows (the
+  resumable AutoAttack state of an evaluation batch is written by the rank evaluating it). A
+  rank that fails leaves its reason in `rank<r>.failure.json` (`record_failure`) so that rank 0,
+  failing in turn at its next collective, can report the rank that failed first (`peer_failure`).
 
-Collective operations time out after the group's `timeout_s`: a rank that hangs fails the cell
-instead of blocking it. Gloo on the CPU, NCCL on CUDA.
+Collective operations time out after `connect`'s `timeout_s` (runtime.collective_timeout_s): a
+rank that hangs fails the cell instead of blocking it; a rank that dies breaks its peers' next
+collective at once. Gloo on the CPU, NCCL on CUDA.
 """
 from __future__ import annotations
 

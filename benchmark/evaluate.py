@@ -262,8 +262,8 @@ def expected_robustness(ctx: Context, cfg: dict[str, Any]) -> Tensor:
     for k, eps in enumerate(grid[1:], start=1):
         at_eps = replace(ctx, condition=f"{ctx.condition}@{k}")
         curve.append(autoattack(at_eps, {**attack_cfg, "kind": "autoattack", "eps": eps}))
-    log.info("%s: accuracy at eps = k/%d of %g, k = 0..%d: %s", ctx.condition, len(grid) - 1, grid[-1],
-             len(grid) - 1, " ".join(f"{float(correct.double().mean()):.3f}" for correct in curve))
+    log.info("%s, batch %d: accuracy at eps = k/%d of %g, k = 0..%d: %s", ctx.condition, ctx.batch, len(grid) - 1,
+             grid[-1], len(grid) - 1, " ".join(f"{float(correct.double().mean()):.3f}" for correct in curve))
     return trapezoid_scores(torch.stack(curve))
 
 

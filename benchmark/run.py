@@ -66,16 +66,16 @@ class Runtime:
 MAX_AUTO_WORKERS = 8  # beyond this a loader of 224-px images gains little and each worker costs memory
 
 
-def loader_workers(setting: int | str, device: torch.device) -> int:
+def loader_workers(setting: int | str, device: torch.device, cpus: int | None = None) -> int:
     """DataLoader workers for `runtime.num_workers`: a number as given; `auto` = on CUDA, the
-    job's CPUs (SLURM_CPUS_PER_TASK, else this process's CPU affinity) minus one for the training
-    process, at most MAX_AUTO_WORKERS, so per-image augmentation keeps up with the GPU; on the
-    CPU 0, since the training threads already use every allocated core."""
+    job's CPUs (`cpus`, from the launcher's job record, else this process's CPU affinity) minus one
+    for the training process, at most MAX_AUTO_WORKERS, so per-image augmentation keeps up with the
+    GPU; on the CPU 0, since the training threads already use every allocated core."""
     if setting != "auto":
         return int(setting)
     if device.type != "cuda":
         return 0
-    allocated = int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
+    allocated = cpus or len(os.sched_getaffinity(0))
     return max(0, min(MAX_AUTO_WORKERS, allocated - 1))
 
 
@@ -102,7 +102,7 @@ def run_cell(cell_dir: Path, runtime: Runtime, job: JobRecord | None = None) -> 
     try:
         _use_allocated_cpus(details.get("cpus"))
         with _log_and_heartbeat(cell_dir, group):
-            _train_and_evaluate(cell_dir, document, runtime, started, group)
+            _train_and_evaluate(cell_dir, document, runtime, started, group, details.get("cpus"))
     except BaseException as err:
         if not group.writer:
             distributed.record_failure(cell_dir, group, err)
@@ -138,7 +138,7 @@ def _use_allocated_cpus(cpus: int | None) -> None:
 
 
 def _train_and_evaluate(cell_dir: Path, document: dict, runtime: Runtime, started: datetime,
-                        group: distributed.Group) -> None:
+                        group: distributed.Group, cpus: int | None) -> None:
     config = document["config"]
     device = distributed.rank_device(runtime.torch_device(), group)
     distributed.connect(group, device, runtime.collective_timeout_s)
@@ -150,7 +150,7 @@ def _train_and_evaluate(cell_dir: Path, document: dict, runtime: Runtime, starte
     model = models.create_model(config["model"], splits.num_classes, runtime.weights_root)
     trainer = train.Trainer(model, splits, config["loss"], config["protocol"], ckpt_path=cell_dir / "ckpt" / "last.pt",
                             device=device, seed=config["seed"],
-                            num_workers=loader_workers(runtime.num_workers, device), group=group,
+                            num_workers=loader_workers(runtime.num_workers, device, cpus), group=group,
                             **_history_hooks(cell_dir, document, model, splits, device, runtime, group))
     if group.writer:
         cells.write_progress(cell_dir, phase="training", epochs=config["protocol"]["epochs"])

@@ -235,13 +235,19 @@ def describe(err: ValidationError, prefix: str) -> str:
         elif item["type"] == "extra_forbidden":
             phrase = f"{key} is not a known key"
         else:
-            phrase = f"{key}={item['input']!r}: {item['msg'].lower()}"
+            value = repr(item["input"])
+            value = value if len(value) <= 60 else value[:57] + "..."  # a whole node: the rule says more
+            phrase = f"{key}={value}: {_lower_first(item['msg'])}"
         if key in phrases:  # another alternative of a union
-            phrase = item["msg"].lower()
+            phrase = _lower_first(item["msg"])
         phrases.setdefault(key, []).append(phrase)
     shown = ["; or ".join(alternatives) for alternatives in list(phrases.values())[:3]]
     more = len(phrases) - len(shown)
     return "; ".join(shown) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _lower_first(message: str) -> str:
+    return message[:1].lower() + message[1:]
 
 
 GROUPS: dict[str, type[BaseModel]] = {

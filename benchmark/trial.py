@@ -114,12 +114,10 @@ def work(spec: dict[str, Any], launcher_kind: str) -> int:
 
 
 def run_worker(spec_path: str, launcher_kind: str, threads: int | None = None) -> int:
-    """A worker's entry point: `threads` torch threads (default: the CPUs SLURM gave the job,
-    else torch's own choice), log records to stderr, then `work`."""
+    """A worker's entry point: `threads` torch threads (default: the CPUs this process may run on,
+    which a scheduler restricts to the job's allocation), log records to stderr, then `work`."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    threads = threads or int(os.environ.get("SLURM_CPUS_PER_TASK", "0"))
-    if threads:  # torch would take every core of the node
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))  # torch would take every core of the node
     return work(json.loads(Path(spec_path).read_text()), launcher_kind)
 
 

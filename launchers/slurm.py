@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import submitit
-from pydantic import Field
+from pydantic import Field, model_validator
 from submitit.core.utils import FailedJobError
 from submitit.slurm.slurm import SlurmInfoWatcher
 
@@ -73,6 +73,18 @@ class Resources(Strict):
     protocol: dict[str, dict[str, Any] | None] | None
     model_size: dict[str, dict[str, Any] | None] | None
     model: dict[str, dict[str, Any] | None] | None
+
+    @model_validator(mode="after")
+    def _submitit_parameters(self) -> Resources:
+        # submitit's own list of SlurmExecutor parameters (an unknown one would reach the user as
+        # its ValueError at submission, after the cells were written).
+        valid = submitit.SlurmExecutor._valid_parameters()
+        layers = [self.default, *(shape for layer in (self.protocol, self.model_size, self.model)
+                                  for shape in (layer or {}).values() if shape)]
+        unknown = sorted({key for shape in layers for key in shape} - valid)
+        if unknown:
+            raise ValueError(f"unknown SlurmExecutor parameter {unknown[0]!r}; valid: {', '.join(sorted(valid))}")
+        return self
 
 
 class SlurmConfig(Strict):

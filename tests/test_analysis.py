@@ -21,11 +21,11 @@ from analysis.data import AnalysisWarning
 from analysis.letters import compact_letters
 from benchmark.cell import EXAMPLES_FILE, ROWS_FILE, write_config
 from benchmark.cli import main
-from benchmark.conditions import condition_columns
 from benchmark.errors import RFTBenchError
-from benchmark.results import COLUMNS, write_rows
+from benchmark.results import write_rows
 from benchmark.study import load_option, plan
 from benchmark.tables import load
+from factories import result_row
 
 SYNTH = "synth"
 # Two per size class where the registry allows, mixing types and pretraining strategies.
@@ -61,10 +61,8 @@ def write_synthetic_study(results_root: Path, study: str = SYNTH) -> pd.DataFram
             else:
                 correct = rng.random(N_EXAMPLES) < np.clip(base * factor + rng.normal(0, 0.05), 0.02, 0.98)
             examples.append(pd.DataFrame({"condition": condition, "index": np.arange(N_EXAMPLES), "correct": correct}))
-            rows.append({**dict.fromkeys(COLUMNS), **condition_columns(cell.config["eval"][condition]),
-                         "study": study, "cell_id": cell.id, **cell.axes, "seed": cell.seed, "condition": condition,
-                         "n_examples": N_EXAMPLES, "n_correct": int(correct.sum()),
-                         "accuracy": float(correct.mean()), "source": "run"})
+            rows.append(result_row(cell, condition, study=study, n_examples=N_EXAMPLES, n_correct=int(correct.sum()),
+                                   accuracy=float(correct.mean()), source="run"))
         pq.write_table(pa.Table.from_pandas(pd.concat(examples), preserve_index=False), cell_dir / EXAMPLES_FILE)
         write_rows(cell_dir / ROWS_FILE, rows)
         written += rows
@@ -412,9 +410,8 @@ def test_figures_on_a_study_lacking_levels_skips_with_reasons(tmp_path, capsys):
         write_config(cell, cell_dir, "demo")
         acc = 0.3 + 0.1 * (cell.loss == "trades") + 0.05 * (cell.model == planned.cells[0].model)
         write_rows(cell_dir / ROWS_FILE, [
-            {**dict.fromkeys(COLUMNS), **condition_columns(cell.config["eval"][c]), "study": "demo",
-             "cell_id": cell.id, **cell.axes, "condition": c, "n_examples": 200, "n_correct": round(acc * 200),
-             "accuracy": acc, "source": "run"} for c in DROP])
+            result_row(cell, c, study="demo", n_examples=200, n_correct=round(acc * 200), accuracy=acc, source="run")
+            for c in DROP])
     out = tmp_path / "figs"
     assert run_figures(["study=demo", f"paths.results={root}"], out) == 0
     printed = capsys.readouterr().out

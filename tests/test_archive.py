@@ -21,11 +21,11 @@ from benchmark import archive, results, tables
 from benchmark.archive import export_study, import_study
 from benchmark.cell import ROWS_FILE, Cell, read_config, write_config, write_state
 from benchmark.cli import main
-from benchmark.conditions import condition_columns
 from benchmark.errors import RFTBenchError
 from benchmark.paths import PROJECT_DIR
 from benchmark.reference import FLAGS_FILE, import_reference, name_mapping
 from benchmark.study import load_option, options, plan
+from factories import result_row
 
 # Real demo-study cell configs, kept with the golden sweep fixture; measurements are made up below.
 GOLDEN_CELLS = Path(__file__).parent / "fixtures" / "sweep" / "golden" / "cells"
@@ -36,10 +36,9 @@ MEASURED = ["cell_id", "dataset", "model", "loss", "protocol", "seed", "conditio
 def made_up_rows(cell: Cell, study: str, correct: int = 60) -> list[dict]:
     test_size = cell.config["dataset"]["test_size"]
     return [
-        {**dict.fromkeys(results.COLUMNS), **condition_columns(spec), "study": study, "cell_id": cell.id,
-         **cell.axes, "seed": cell.seed, "condition": condition, "n_examples": test_size,
-         "n_correct": correct - i, "accuracy": (correct - i) / test_size, "attempt": 1, "source": "run", "host": "node1"}
-        for i, (condition, spec) in enumerate(cell.config["eval"].items())
+        result_row(cell, condition, study=study, n_examples=test_size, n_correct=correct - i,
+                   accuracy=(correct - i) / test_size, attempt=1, source="run", host="node1")
+        for i, condition in enumerate(cell.config["eval"])
     ]
 
 

@@ -21,7 +21,7 @@ import torch
 from benchmark import cell as cells
 from benchmark import results
 from benchmark.cli import main
-from benchmark.distributed import batch_sizes
+from benchmark.distributed import Group, batch_sizes, clear_failure, peer_failure, record_failure
 from benchmark.errors import RFTBenchError
 from benchmark.paths import PROJECT_DIR
 from benchmark.study import plan
@@ -73,6 +73,20 @@ def test_an_update_sees_the_effective_batch_whatever_the_ranks(world_size):
 def test_an_effective_batch_the_ranks_cannot_share_is_refused_naming_it():
     with pytest.raises(RFTBenchError, match="effective_batch_size 64 is not a multiple of the 3 ranks"):
         batch_sizes({"name": "p", "batch_size": 32, "effective_batch_size": 64}, 3)
+
+
+def test_the_reason_a_rank_records_is_the_one_its_peers_report(tmp_path):
+    rank0, rank1 = Group(0, 2), Group(1, 2)
+    assert peer_failure(tmp_path, rank0) is None
+    try:
+        raise ValueError("rank 1's own trouble")
+    except ValueError as err:
+        record_failure(tmp_path, rank1, err)
+    failure = peer_failure(tmp_path, rank0)
+    assert failure["rank"] == 1 and failure["reason"] == "ValueError: rank 1's own trouble"
+    assert "Traceback" in failure["traceback"] and peer_failure(tmp_path, rank1) is None  # not its own
+    clear_failure(tmp_path, rank1)  # a new attempt of rank 1 forgets it
+    assert peer_failure(tmp_path, rank0) is None
 
 
 @pytest.mark.parametrize("bad, named", [(["launcher.nproc=0"], "launcher.nproc=0"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -17,6 +16,7 @@ from benchmark.errors import RFTBenchError
 from benchmark.losses import make_loss
 from benchmark.models import Classifier
 from benchmark.study import load_option
+from factories import tiny_classifier
 
 CLASSES, SIZE = 10, 32
 CPU = torch.device("cpu")
@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 
 def demo_model() -> Classifier:
     torch.manual_seed(0)
-    return Classifier(timm.create_model("test_vit", pretrained=False, num_classes=CLASSES), [0.5] * 3, [0.5] * 3)
+    return tiny_classifier("test_vit", CLASSES)
 
 
 def images(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

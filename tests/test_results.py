@@ -15,22 +15,18 @@ import pytest
 from benchmark import arguments, results, tables
 from benchmark.errors import RFTBenchError
 from conftest import COMPUTE_PACKAGES, modules_loaded
+from factories import result_row
 
 SWEEP = Path(__file__).parent / "fixtures" / "sweep"
 NOT_IN_RESULTS = COMPUTE_PACKAGES | {"hydra"}
 
 
-def row(**values: object) -> dict:
-    """A complete row: every column, the given values, the rest null."""
-    return {**dict.fromkeys(results.COLUMNS), **values}
-
-
 def test_rows_round_trip_through_parquet_unchanged(tmp_path: Path):
     rows = [
-        row(study="s", cell_id="c1", dataset="d", model="m", loss="l", protocol="p", seed=3,
+        result_row(study="s", cell_id="c1", dataset="d", model="m", loss="l", protocol="p", seed=3,
             condition="expected", eps_grid=[0.5, 1.0], n_examples=1000, n_correct=999, accuracy=0.999,
             attempt=2, requeues=1, git_dirty=True, started_at=datetime(2025, 1, 2, 3, 4, 5, 6, tzinfo=UTC)),
-        row(study="s", cell_id="c1", dataset="d", model="m", loss="l", protocol="p", condition="clean"),
+        result_row(study="s", cell_id="c1", dataset="d", model="m", loss="l", protocol="p", condition="clean"),
     ]
     path = tmp_path / "rows.parquet"
     results.write_rows(path, rows)
@@ -41,18 +37,18 @@ def test_rows_round_trip_through_parquet_unchanged(tmp_path: Path):
 
 
 def test_a_row_with_a_missing_or_unknown_column_is_refused():
-    incomplete = row()
+    incomplete = result_row()
     del incomplete["accuracy"]
     with pytest.raises(ValueError, match="missing \\['accuracy'\\]"):
         results.rows_table([incomplete])
     with pytest.raises(ValueError, match="unknown \\['top5'\\]"):
-        results.rows_table([row(top5=0.9)])
+        results.rows_table([result_row(top5=0.9)])
 
 
 def _damaged(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     """Row files that must be refused, with (a part of) the reason."""
     good = tmp_path / "good.parquet"
-    results.write_rows(good, [row(cell_id="c", condition="clean")])
+    results.write_rows(good, [result_row(cell_id="c", condition="clean")])
     data = good.read_bytes()
     cases = {
         "truncated": (data[: len(data) // 2], "unreadable Parquet"),
@@ -67,10 +63,10 @@ def _damaged(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     pq.write_table(pa.table({"condition": ["clean"], "index": [0], "correct": [True]}), foreign)
     out["foreign"] = (foreign, f"not a result file of this schema: {len(results.COLUMNS) - 1} columns missing")
     future = tmp_path / "future.parquet"
-    pq.write_table(results.rows_table([row()]).set_column(0, "schema_version", pa.array([99], pa.int16())), future)
+    pq.write_table(results.rows_table([result_row()]).set_column(0, "schema_version", pa.array([99], pa.int16())), future)
     out["future"] = (future, f"schema_version [99], expected {results.SCHEMA_VERSION} or older")
     wrong_type = tmp_path / "wrong_type.parquet"
-    table = results.rows_table([row(accuracy=0.5)])
+    table = results.rows_table([result_row(accuracy=0.5)])
     index = table.schema.get_field_index("n_examples")
     pq.write_table(table.set_column(index, "n_examples", pa.array(["many"])), wrong_type)
     out["wrong type"] = (wrong_type, "columns of the wrong type")
@@ -151,7 +147,7 @@ def test_the_result_modules_import_neither_torch_nor_hydra():
 
 def test_rows_written_by_an_older_schema_version_stay_readable(tmp_path: Path):
     """Version 2 added `precision` and `world_size`: a version-1 file reads with them null."""
-    table = results.rows_table([row(study="s", cell_id="c", condition="clean", n_examples=2, n_correct=1,
+    table = results.rows_table([result_row(study="s", cell_id="c", condition="clean", n_examples=2, n_correct=1,
                                     accuracy=0.5, precision="fp32", world_size=1)])
     older = table.drop_columns(list(results.ADDED_COLUMNS[2])).set_column(
         0, "schema_version", pa.array([1], pa.int32()))

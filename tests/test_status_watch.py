@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 
 from benchmark import cell as cells
 from benchmark.study import plan

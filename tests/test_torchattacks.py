@@ -4,14 +4,13 @@ within one example, in L-inf and L2. (torchattacks is a test-only dependency.)""
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
 from benchmark.evaluate import evaluate
-from benchmark.models import Classifier
+from factories import tiny_classifier
 
 torchattacks = pytest.importorskip("torchattacks", reason="torchattacks (a test-only dependency) is not installed")
 
@@ -35,7 +34,7 @@ def model(digits) -> nn.Module:
     """timm's test_resnet trained briefly on all but the first N_TEST digits."""
     x, y = digits[0][N_TEST:], digits[1][N_TEST:]
     torch.manual_seed(0)
-    net = Classifier(timm.create_model("test_resnet", pretrained=False, num_classes=10), [0.5] * 3, [0.5] * 3)
+    net = tiny_classifier("test_resnet", 10)
     optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
     net.train()
