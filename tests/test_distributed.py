@@ -217,20 +217,12 @@ def slurm_roots(roots):
 
 
 @pytest.mark.slurm
-def test_a_two_task_cell_completes_on_slurm_with_world_size_two(slurm_roots, capsys):
-    overrides = [*SLURM_CELL, "protocol=fft5", *TWO_TASKS]
-    assert main(["launch", *overrides]) == 0
-    assert "ntasks_per_node=2" in capsys.readouterr().out
-    _wait_until("the cell is done", lambda: _status(capsys, overrides)["by_state"] == {"done": 1})
-    rows = results.read_rows(_cell_dir(overrides) / cells.ROWS_FILE).to_pandas()
-    assert len(rows) == 5 and rows.world_size.eq(2).all() and rows.n_examples.eq(20).all()
-
-
-@pytest.mark.slurm
 def test_a_killed_rank_fails_the_slurm_cell_in_bounded_time_and_resume_finishes_it(slurm_roots, capsys):
+    """A 2-task cell: its rank 0 killed, the cell fails; resumed, it completes with world_size 2."""
     overrides = [*SLURM_CELL, "protocol=fft50", "protocol.epochs=3", *TWO_TASKS]
     cell_dir = _cell_dir(overrides)
     assert main(["launch", *overrides]) == 0
+    assert "ntasks_per_node=2" in capsys.readouterr().out
     log = cell_dir / cells.LOG_FILE
     _wait_until("rank 0 has checkpointed its first epoch", lambda: log.exists() and "epoch 1/3" in log.read_text())
     os.kill(cells.read_state(cell_dir)["pid"], signal.SIGKILL)  # rank 0: no chance to write anything
@@ -243,4 +235,4 @@ def test_a_killed_rank_fails_the_slurm_cell_in_bounded_time_and_resume_finishes_
     assert "resumed from checkpoint after epoch 1" in log.read_text() or "resumed from checkpoint after epoch 2" in log.read_text()
     rows = results.read_rows(cell_dir / cells.ROWS_FILE).to_pandas()
     assert len(rows) == 5 and not rows.condition.duplicated().any() and rows.world_size.eq(2).all()
-    assert rows.attempt.eq(2).all()
+    assert rows.attempt.eq(2).all() and rows.n_examples.eq(20).all()

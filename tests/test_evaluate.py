@@ -328,7 +328,8 @@ def test_a_cell_measures_expected_robustness_into_its_rows(roots):
     from benchmark.cli import main
 
     overrides = ["study=demo", "model=test_resnet.demo", "loss=classic_at", "protocol=lp50",
-                 "eval=[clean,expected_linf]", "eval.expected_linf.n_iter=10"]
+                 "eval=[clean,expected_linf]", "eval.expected_linf.n_iter=10",
+                 "runtime.retention=all"]  # keep the AutoAttack state to look at (`final` drops it)
     assert main(["launch", *overrides]) == 0
     long = tables.load("demo")
     assert list(long["condition"]) == ["clean", "expected_linf"]

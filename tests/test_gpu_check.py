@@ -67,8 +67,9 @@ def test_the_offline_install_fills_a_private_folder_and_the_check_then_needs_cud
     assert sorted(p.name for p in site_packages.iterdir()) == before  # the interpreter's packages untouched
 
     env = {**os.environ, "PYTHONPATH": str(target), "RFTBENCH_CONF_PATH": str(PROJECT_DIR / "conf")}
+    # Run from elsewhere than the checkout, as on a GPU node: the private folder must serve the import.
     where = subprocess.run([PYTHON, "-c", "import benchmark.gpu_check as m; print(m.__file__)"], env=env,
-                           capture_output=True, text=True, check=True)
+                           capture_output=True, text=True, check=True, cwd=tmp_path)
     assert Path(where.stdout.strip()).is_relative_to(target)
-    run = subprocess.run([PYTHON, "-m", "benchmark.gpu_check"], env=env, capture_output=True, text=True)
+    run = subprocess.run([PYTHON, "-m", "benchmark.gpu_check"], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 3 and run.stderr.count("\n") == 1 and "no CUDA GPU" in run.stderr
