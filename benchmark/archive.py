@@ -36,7 +36,6 @@ and the next import or export of the study finishes the placing first.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import io
 import json
@@ -61,7 +60,7 @@ import yaml
 from benchmark.arguments import parse, study_and_root
 from benchmark.atomic import write_atomic, write_json_atomic, write_text_atomic
 from benchmark.cell import AXES, CELLS_DIR, CONFIG_FILE, ROWS_FILE, cell_id, cells_with_directory, read_config
-from benchmark.collect import LOCK_FILE, Collected, collect, print_warnings
+from benchmark.collect import Collected, collect, print_warnings, study_lock
 from benchmark.errors import RFTBenchError
 from benchmark.paths import study_dir
 from benchmark.results import CorruptResultError, read_rows, write_table
@@ -113,7 +112,7 @@ class Imported:
 def export_study(study: str, out: Path, results_root: Path | None = None) -> Exported:
     """Write `study`'s done cells and flags.csv to the archive `out` (whole or not at all)."""
     directory = existing_study_dir(study, results_root)
-    with _study_lock(directory):
+    with study_lock(directory):
         finish_interrupted_import(directory)
     files: dict[str, Path] = {}
     cells, skipped = [], []
@@ -195,7 +194,7 @@ def import_study(archive: Path, study: str | None = None, results_root: Path | N
         created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
         try:
-            with _study_lock(directory):
+            with study_lock(directory):
                 finish_interrupted_import(directory)
                 outcome = _import_locked(tar, manifest, directory, archive.name)
         except BaseException:
@@ -468,14 +467,6 @@ def _place_cell(staged: Path, target: Path) -> None:
         destination.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, destination)
     shutil.rmtree(staged)
-
-
-@contextmanager
-def _study_lock(directory: Path) -> Iterator[None]:
-    """The study's collect lock: a collect waits for an import, and imports take turns."""
-    with open(directory / LOCK_FILE, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def _sha256(data: bytes) -> str:

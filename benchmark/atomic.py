@@ -19,6 +19,16 @@ def _umask() -> int:
     return mask
 
 
+def file_signature(path: Path) -> list[int] | None:
+    """(inode, mtime in ns, size) of a file, None when absent: a file replaced atomically gets a
+    new inode even within the file system's mtime granularity, so any change shows."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return [st.st_ino, st.st_mtime_ns, st.st_size]
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` on a fresh temporary path beside `path`, then move it onto `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from benchmark.atomic import write_json_atomic
+from benchmark.atomic import file_signature, write_json_atomic
 from benchmark.cell import (
     AXES,
     CELLS_DIR,
@@ -111,7 +111,7 @@ class _Rejected(Exception):
 
 def collect(study_dir: Path) -> Collected:
     """Bring the study's tables up to date with its cell directories; see the module docstring."""
-    with _turn(study_dir):
+    with study_lock(study_dir):
         signatures = _signatures(study_dir / CELLS_DIR)
         tables = _previous(study_dir)
         changed = [cell for cell, signature in signatures.items() if tables.signatures.get(cell) != signature]
@@ -154,8 +154,8 @@ def print_warnings(report: Collected) -> None:
 
 
 @contextmanager
-def _turn(study_dir: Path) -> Iterator[None]:
-    """Hold the study's collect lock: concurrent collects run one after another."""
+def study_lock(study_dir: Path) -> Iterator[None]:
+    """Hold the study's collect lock: concurrent collects (and imports of archives) run one after another."""
     with open(study_dir / LOCK_FILE, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
@@ -166,16 +166,7 @@ def _signatures(cells_dir: Path) -> dict[str, Signature]:
         return {}
     with os.scandir(cells_dir) as entries:
         cells = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
-    return {cell: [_stat(cells_dir / cell / name) for name in TRACKED] for cell in cells}
-
-
-def _stat(path: Path) -> list[int] | None:
-    # The inode changes with every atomic replace, even within the file system's mtime granularity.
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return [st.st_ino, st.st_mtime_ns, st.st_size]
+    return {cell: [file_signature(cells_dir / cell / name) for name in TRACKED] for cell in cells}
 
 
 def _previous(study_dir: Path) -> _Tables:

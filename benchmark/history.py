@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmark.atomic import write_json_atomic
+from benchmark.atomic import file_signature, write_json_atomic
 from benchmark.cell import CELLS_DIR
 from benchmark.results import write_table
 
@@ -89,7 +89,7 @@ def collect_history(study_dir: Path) -> pa.Table:
     holds the study's collect lock."""
     cells_dir = study_dir / CELLS_DIR
     names = sorted(n for n in os.listdir(cells_dir) if not n.startswith(".")) if cells_dir.is_dir() else []
-    signatures = {name: _signature(cells_dir / name / HISTORY_FILE) for name in names}
+    signatures = {name: file_signature(cells_dir / name / HISTORY_FILE) for name in names}
     signatures = {name: sig for name, sig in signatures.items() if sig is not None}
     target, manifest = study_dir / HISTORY_FILE, study_dir / MANIFEST_FILE
     if target.exists() and manifest.exists() and _read_manifest(manifest) == signatures:
@@ -113,14 +113,6 @@ def _cell_history(cell_dir: Path, study: str) -> pa.Table:
     for name, value in (("study", study), ("cell_id", cell_dir.name)):
         table = table.set_column(table.column_names.index(name), name, pa.array([value] * table.num_rows, pa.string()))
     return table
-
-
-def _signature(path: Path) -> list[int] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return [st.st_ino, st.st_mtime_ns, st.st_size]
 
 
 def _read_manifest(path: Path) -> dict[str, list[int]] | None:

@@ -312,9 +312,16 @@ class _Layers:
             if line not in self._applied:
                 raise errors[0]
 
+    def _study_layers(self, axis: str, name: str) -> list[tuple[str, dict[str, Any]]]:
+        """(source, patch) of the study's own layers over an axis option, lowest first."""
+        return [(f"study.set.{axis}", self.study.get("set", {}).get(axis, {})),
+                (f"study.set_per_option.{axis}/{name}", self.study.get("set_per_option", {}).get(f"{axis}/{name}", {}))]
+
     def _study_node(self, axis: str, name: str) -> dict[str, Any]:
-        node = merged(load_option(axis, name), self.study.get("set", {}).get(axis, {}))
-        return merged(node, self.study.get("set_per_option", {}).get(f"{axis}/{name}", {}))
+        node = load_option(axis, name)
+        for _, patch in self._study_layers(axis, name):
+            node = merged(node, patch)
+        return node
 
     def per_cell(self, values: dict[str, Any]) -> dict[str, Any]:
         """`values` with the protocol node of this grid point (batching rule, table row) when it
@@ -361,10 +368,8 @@ class _Layers:
                             "from_protocol": len(points - in_table - fallback)}}
 
     def sources(self, cell: Cell) -> dict[str, str]:
-        layers = [(f"study.set.{key}", {key: value}) for key, value in self.study.get("set", {}).items()]
-        layers += [(f"study.set_per_option.{key}", {key.split("/")[0]: patch})
-                   for key, patch in self.study.get("set_per_option", {}).items()
-                   if key.split("/")[0] in AXES and cell.axes[key.split("/")[0]] == key.split("/", 1)[1]]
+        layers = [(f"study.set.{key}", {key: value}) for key, value in _shared_set(self.study).items()]
+        layers += [(source, {axis: patch}) for axis in AXES for source, patch in self._study_layers(axis, cell.axes[axis])]
         layers += [(source, {"protocol": patch}) for source, patch in
                    self.point_layers({axis: cell.config[axis] for axis in AXES})]
         layers += [(f"command line: {o.input_line}", {axis: _override_patch(o)})

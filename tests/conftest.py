@@ -1,6 +1,7 @@
 """Shared fixtures: every test writes under its own temporary results, data and weights roots."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,28 @@ def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
         path.mkdir()
         monkeypatch.setenv(f"RFTBENCH_{kind.upper()}", str(path))
     return paths
+
+
+@pytest.fixture(scope="session")
+def published_root(reference_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A results root holding the published table imported as the default study, once per test
+    session (about 10 s: 1,440 cell directories). Tests that change it put it back."""
+    from benchmark.reference import DEFAULT_STUDY, import_reference
+
+    root = tmp_path_factory.mktemp("published")
+    import_reference(reference_csv, DEFAULT_STUDY, root)
+    return root
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float) -> None:
+    """Poll `check` every second until it holds; fail the test after `timeout` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting until {what}")
+        time.sleep(1)
 
 
 @pytest.fixture(scope="session")

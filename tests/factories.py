@@ -19,6 +19,18 @@ def result_row(cell: Cell | None = None, condition: str | None = None, **values:
     return row | values
 
 
+def planned_with_directories(overrides: list[str]):
+    """The study of `overrides` with a directory (its config) for each cell, as a launch leaves
+    them: (study, the cells' directories)."""
+    from benchmark.cell import write_config
+    from benchmark.study import plan
+
+    study = plan(overrides)
+    for cell in study.cells:
+        write_config(cell, cell.directory(study.dir), study.name)
+    return study, [c.directory(study.dir) for c in study.cells]
+
+
 def tiny_classifier(arch: str = "test_resnet", classes: int = 10):
     """One of timm's tiny test architectures, random weights, behind a [0.5] normalisation."""
     import timm

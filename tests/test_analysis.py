@@ -25,6 +25,7 @@ from benchmark.errors import RFTBenchError
 from benchmark.results import write_rows
 from benchmark.study import load_option, plan
 from benchmark.tables import load
+from benchmark.reference import DEFAULT_STUDY
 from factories import result_row
 
 SYNTH = "synth"
@@ -87,17 +88,8 @@ def synth_tables(synth_cells: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 
 @pytest.fixture(scope="module")
-def published_root(tmp_path_factory: pytest.TempPathFactory, reference_csv: Path) -> Path:
-    from benchmark.reference import import_reference
-
-    root = tmp_path_factory.mktemp("published")
-    import_reference(reference_csv, "published", root)
-    return root
-
-
-@pytest.fixture(scope="module")
 def published_cells(published_root: Path) -> pd.DataFrame:
-    return data.load("published", published_root)
+    return data.load(DEFAULT_STUDY, published_root)
 
 
 @pytest.fixture(scope="module")
@@ -625,13 +617,13 @@ def test_degenerate_flag_on_the_published_table(published_cells, published_table
 def test_figures_command_on_the_published_table(published_root, tmp_path, capsys):
     out = tmp_path / "figs"
     start = time.perf_counter()
-    assert run_figures([f"study=published", f"paths.results={published_root}"], out) == 0
+    assert run_figures([f"study={DEFAULT_STUDY}", f"paths.results={published_root}"], out) == 0
     elapsed = time.perf_counter() - start
     printed = capsys.readouterr().out
     assert skipped_sections(printed) == [NO_HISTORIES]  # an imported study has no learning curves
     page = (out / "report.html").read_text()
     assert "no per-example results" in page
-    assert ("Flagged cells" in page) == (published_root / "published" / data.FLAGS_FILE).exists()
+    assert ("Flagged cells" in page) == (published_root / DEFAULT_STUDY / data.FLAGS_FILE).exists()
     pngs = list((out / "plots").glob("*.png"))
     assert len(pngs) == len(list((out / "plots").glob("*.pdf"))) >= 17 and all(map(is_image, pngs))
     for protocol in ("fft50", "fft5", "lp50"):

@@ -18,7 +18,7 @@ from benchmark import cli, tables
 from benchmark.cell import AXES, CELLS_DIR, ROWS_FILE
 from benchmark.collect import collect
 from benchmark.errors import RFTBenchError
-from benchmark.reference import DEFAULT_STUDY, import_reference
+from benchmark.reference import DEFAULT_STUDY
 from benchmark.results import read_rows, write_table
 from conftest import COMPUTE_PACKAGES, modules_loaded
 
@@ -135,11 +135,9 @@ def test_an_unknown_study_names_the_studies_there(golden: Path):
 # --- on the published table ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def published(reference_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A results root with the published table imported as DEFAULT_STUDY (once per module)."""
-    root = tmp_path_factory.mktemp("results")
-    import_reference(reference_csv, DEFAULT_STUDY, root)
-    return root
+def published(published_root: Path) -> Path:
+    """The results root holding the published table as DEFAULT_STUDY (conftest)."""
+    return published_root
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +26,7 @@ from benchmark.distributed import Group, batch_sizes, clear_failure, peer_failur
 from benchmark.errors import RFTBenchError
 from benchmark.paths import PROJECT_DIR
 from benchmark.study import plan
+from conftest import wait_until
 
 VIT = ["study=demo", "model=test_vit.demo", "loss=classic_at", "dataset.augment.rotation_degrees=0",
        "dataset.augment.color_jitter=0", "dataset.test_size=40", "runtime.eval_batch_size=10",
@@ -190,12 +192,8 @@ TWO_TASKS = ["launcher=slurm", "launcher.resources.protocol=null", "launcher.res
 SLURM_TIMEOUT_S = 420  # a few cells on a busy two-core machine
 
 
-def _wait_until(what: str, check, timeout: float = SLURM_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting until {what}")
-        time.sleep(1)
+def _wait_until(what: str, check: Callable[[], bool], timeout: float = SLURM_TIMEOUT_S) -> None:
+    wait_until(what, check, timeout)
 
 
 def _status(capsys, overrides: list[str]) -> dict:

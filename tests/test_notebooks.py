@@ -10,7 +10,8 @@ import nbformat
 import pytest
 from ipykernel.kernelspec import install
 from nbclient import NotebookClient
-from test_analysis import published_root  # noqa: F401  (a fixture: the imported published study)
+
+from benchmark.reference import DEFAULT_STUDY
 
 PROJECT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((PROJECT / "analysis" / "notebooks").glob("*.py"))
@@ -44,7 +45,7 @@ def test_notebook_runs_on_the_published_results(path: Path, published_root: Path
                                                 monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("JUPYTER_PATH", kernel)
     monkeypatch.setenv("PYTHONPATH", str(PROJECT))
-    notebook = with_parameters(jupytext.read(path), study="published", results_root=str(published_root))
+    notebook = with_parameters(jupytext.read(path), study=DEFAULT_STUDY, results_root=str(published_root))
     NotebookClient(notebook, timeout=600, kernel_name=KERNEL, resources={"metadata": {"path": str(PROJECT)}}).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
     images = [o for o in outputs if "image/png" in o.get("data", {})]

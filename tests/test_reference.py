@@ -50,11 +50,9 @@ def published(reference_csv: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def imported(reference_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The published table imported once as the default study (about 10 s: 1,440 cell dirs)."""
-    root = tmp_path_factory.mktemp("results")
-    import_reference(reference_csv, DEFAULT_STUDY, root)
-    return root
+def imported(published_root: Path) -> Path:
+    """The published table imported once as the default study (conftest)."""
+    return published_root
 
 
 def test_two_options_claiming_one_published_name_is_an_error():

@@ -17,7 +17,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from benchmark import results
 from benchmark.cli import main
 from benchmark.paths import PROJECT_DIR
 from benchmark.study import plan
+from conftest import wait_until
 import launchers.slurm
 from launchers import launcher_for
 from launchers.local import HOST
@@ -85,11 +85,7 @@ def _status(capsys, overrides: list[str]) -> dict:
 
 
 def _wait_until(what: str, check: Callable[[], bool], timeout: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting until {what}")
-        time.sleep(1)
+    wait_until(what, check, timeout)
 
 
 def _cell_dirs(overrides: list[str]) -> list[Path]:

@@ -15,6 +15,7 @@ from benchmark import cell as cells
 from benchmark.study import plan
 from benchmark.watch import CLEAR, Estimate, frame, watch
 from launchers.local import HOST, LocalLauncher
+from factories import planned_with_directories
 
 SIX_CELLS = ["study=demo", "model=test_resnet.demo"]
 LOCAL = {"launcher": "local", "launcher_kind": "local"}
@@ -45,20 +46,13 @@ class Clock:
         self.meanwhile(len(self.slept))
 
 
-def _with_directories(overrides: list[str]):
-    study = plan(overrides)
-    for cell in study.cells:
-        cells.write_config(cell, cell.directory(study.dir), study.name)
-    return study, [c.directory(study.dir) for c in study.cells]
-
-
 def _running(cell_dir: Path, **progress) -> None:
     cells.write_state(cell_dir, "running", **LOCAL, host=HOST, pid=os.getpid())  # this live process
     cells.write_progress(cell_dir, **progress)
 
 
 def test_each_refresh_shows_counts_bar_running_progress_and_latest_failures_until_nothing_is_live(roots):
-    study, dirs = _with_directories(SIX_CELLS)
+    study, dirs = planned_with_directories(SIX_CELLS)
     (dirs[0] / cells.ROWS_FILE).write_bytes(b"")
     _running(dirs[1], phase="training", epochs_done=2, epochs=5)
     _running(dirs[2], phase="evaluating", condition="linf", conditions_done=1, conditions=3)
@@ -84,7 +78,7 @@ def test_each_refresh_shows_counts_bar_running_progress_and_latest_failures_unti
 
 
 def test_a_local_worker_whose_process_is_gone_shows_failed_at_the_first_refresh(roots):
-    study, dirs = _with_directories(SIX_CELLS)
+    study, dirs = planned_with_directories(SIX_CELLS)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     cells.write_state(dirs[0], "running", **LOCAL, host=HOST, pid=int(gone.stdout))  # kill -9: no word written
     cells.write_progress(dirs[0], phase="training", epochs=5)  # a fresh heartbeat: no waiting for it to go stale
@@ -97,7 +91,7 @@ def test_a_local_worker_whose_process_is_gone_shows_failed_at_the_first_refresh(
 
 
 def test_the_eta_spreads_the_cost_model_seconds_left_over_the_running_cells(roots):
-    study, dirs = _with_directories(SIX_CELLS)
+    study, dirs = planned_with_directories(SIX_CELLS)
     (dirs[0] / cells.ROWS_FILE).write_bytes(b"")
     states = {c.id: {"state": "pending"} for c in study.cells}
     states[study.cells[0].id] = {"state": "done"}

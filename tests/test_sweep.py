@@ -27,6 +27,7 @@ from benchmark.paths import PROJECT_DIR
 from benchmark.study import plan
 from benchmark.sweep import STALE_HEARTBEAT_S, cell_states, reconcile
 from conftest import COMPUTE_PACKAGES, modules_loaded
+from factories import planned_with_directories
 from launchers import LAUNCHERS, Launcher, launcher_for, record_config
 from launchers.local import HOST
 from launchers.slurm import CellJob, RequeueLimitError, job_ranges, outcome, shapes
@@ -91,21 +92,13 @@ def test_outcome_reads_exit_codes_and_signals():
     assert outcome("9", _job("SOMETHING_NEW")).state == "ended"  # an unknown end is still an end
 
 
-def _study_with_states(roots: dict[str, Path], overrides: list[str]):
-    """The study of `overrides` with its cells' directories, as a worker would leave them."""
-    study = plan(overrides)
-    for cell in study.cells:
-        cells.write_config(cell, cell.directory(study.dir), study.name)
-    return study, [c.directory(study.dir) for c in study.cells]
-
-
 def _age(path: Path, seconds: float) -> None:
     past = time.time() - seconds
     os.utime(path, (past, past))
 
 
 def test_status_counts_states_and_shows_failed_cells_with_reason_traceback_and_log(roots, capsys):
-    study, dirs = _study_with_states(roots, ["study=demo", "model=test_resnet.demo"])  # 6 cells
+    study, dirs = planned_with_directories(["study=demo", "model=test_resnet.demo"])  # 6 cells
     (dirs[0] / cells.ROWS_FILE).write_bytes(b"")  # done: its rows exist
     cells.write_state(dirs[1], "running")
     cells.write_state(dirs[1], "failed", reason="NonFiniteLossError: the loss is not finite",
@@ -161,7 +154,7 @@ def test_status_of_a_seed_sweep_reads_only_the_cells_that_have_a_directory(roots
 
 
 def test_launch_and_resume_never_touch_a_cell_a_worker_is_writing(roots, capsys):
-    study, (done_dir, busy_dir) = _study_with_states(roots, TWO_CELLS)
+    study, (done_dir, busy_dir) = planned_with_directories(TWO_CELLS)
     (done_dir / cells.ROWS_FILE).write_bytes(b"")
     cells.write_state(busy_dir, "running", host="elsewhere", pid=1)
     (busy_dir / HEARTBEAT_FILE).touch()
@@ -176,7 +169,7 @@ def test_launch_and_resume_never_touch_a_cell_a_worker_is_writing(roots, capsys)
 
 
 def test_status_watch_refreshes_until_nothing_is_live(roots, capsys, monkeypatch):
-    study, (first, second) = _study_with_states(roots, TWO_CELLS)
+    study, (first, second) = planned_with_directories(TWO_CELLS)
     (first / cells.ROWS_FILE).write_bytes(b"")
     cells.write_state(second, "running", host="here", pid=1)
     (second / HEARTBEAT_FILE).touch()
@@ -194,7 +187,7 @@ def test_status_watch_refreshes_until_nothing_is_live(roots, capsys, monkeypatch
 
 
 def test_cancel_with_nothing_queued_or_running(roots, capsys):
-    _study_with_states(roots, TWO_CELLS)
+    planned_with_directories(TWO_CELLS)
     assert main(["cancel", *TWO_CELLS]) == 0
     assert "nothing to cancel" in capsys.readouterr().out
 
@@ -288,7 +281,7 @@ def _gone_pid() -> int:
 
 
 def test_a_local_worker_whose_process_is_gone_is_failed_at_once(roots, capsys):
-    study, (gone, alive) = _study_with_states(roots, TWO_CELLS)
+    study, (gone, alive) = planned_with_directories(TWO_CELLS)
     local = {"launcher": "local", "launcher_kind": "local"}
     cells.write_state(gone, "running", **local, host=HOST, pid=_gone_pid())  # kill -9: no word written
     cells.write_state(alive, "running", **local, host=HOST, pid=os.getpid())
@@ -304,7 +297,7 @@ def test_a_local_worker_whose_process_is_gone_is_failed_at_once(roots, capsys):
 
 
 def test_only_the_cells_a_slurm_launcher_ran_are_asked_of_sacct(roots, monkeypatch):
-    study, (local_dir, slurm_dir) = _study_with_states(roots, TWO_CELLS)
+    study, (local_dir, slurm_dir) = planned_with_directories(TWO_CELLS)
     cells.write_state(local_dir, "running", launcher="local", launcher_kind="local", host="node3", pid=42)
     cells.write_state(slurm_dir, "submitted", launcher="slurm_cpu", launcher_kind="slurm", job_id="77_3")
     asked: list[list[str]] = []
@@ -338,7 +331,7 @@ class Recorder(Launcher):
 def test_resume_sends_a_failed_cell_back_to_its_own_launcher_unless_the_command_line_names_one(
         roots, capsys, monkeypatch, tmp_path):
     LAUNCHERS.register(Recorder.kind, f"{__name__}:Recorder")
-    study, (failed_dir, done_dir) = _study_with_states(roots, TWO_CELLS)
+    study, (failed_dir, done_dir) = planned_with_directories(TWO_CELLS)
     recorder = launcher_for({"name": "recorder_cpu", "kind": "recorder", "queue": "long"})
     record_config(study.dir, recorder.config)  # as its launch did
     cells.write_state(failed_dir, "failed", **recorder.job_record(job_id="5"), reason="node failed")
